@@ -1,0 +1,318 @@
+# docs and experiment results can be found at README.md#grpo
+"""GRPO: Group Relative Policy Optimization, with the Dr. GRPO and DAPO switches.
+
+Paper: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", Shao et al. 2024,
+arXiv:2402.03300. Variants: "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO, arXiv:2503.20783)
+and "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv:2503.14476).
+
+Objective, for response i of group g (the G responses to one prompt) and its valid tokens t:
+    A_i = (s_i - mean_g s) / (std_g s + 1e-6)                       (--no-scale-rewards: s_i - mean_g s)
+    r_t = exp(logp_t - old_logp_t)
+    L_t = max(-A_i r_t, -A_i clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * k3_t,   k3_t = exp(d_t) - d_t - 1,
+          d_t = ref_logp_t - logp_t
+    loss = agg(L, mask) with agg = token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+
+Implementation details:
+1. Rewards are 1/0 from the task's verifier (unparseable answers get 0 and are counted in charts/unparseable_frac).
+2. Groups are formed by the prompt index of every response, never by position; std is the unbiased one, so a group
+   {1, 0, 0, 0} gives A = [1.5, -0.5, -0.5, -0.5]. All-equal groups give A = 0 (charts/frac_zero_std_groups).
+3. A_i is broadcast to every valid token; the mask covers tokens up to and including the first EOS (pad == eos safe).
+4. Log-probs come from temperature-scaled fp32 logits (common.response_logprobs). old_logp is computed once per
+   rollout under no_grad and frozen for all mini-batches and epochs; with one mini-batch and one epoch the ratio is
+   exactly 1 and clipping is inert (correct, and tested).
+5. Each rollout of B = prompts_per_step * group_size responses is split into num_mini_batches optimizer steps, for
+   num_epochs passes. Micro-batches only bound memory: the aggregation denominator is the whole mini-batch's
+   (tokens for token-mean, sequences for seq-mean-*, sequences * max_new_tokens for Dr. GRPO).
+6. beta = 0 (the default, as TRL and Dr. GRPO) loads no reference model at all. The KL is in the loss, never in the
+   reward.
+7. Gradient clipping at max_grad_norm; AdamW with constant learning rate, no weight decay.
+8. losses/entropy is the full-vocabulary token entropy of the sampling policy; losses/cov is the entropy-mechanism
+   covariance mean_t (old_logp_t - mean old_logp)(A_t - mean A) over the rollout's valid tokens.
+
+Defaults are tuned for the embedded countdown benchmark (a 0.5M-parameter model needs a far larger learning rate).
+Paper/real-model defaults: learning_rate 1e-6, group_size 8 (TRL) to 64 (DeepSeekMath), beta 0 (TRL) / 0.04
+(DeepSeekMath) / 0.001 (R1, verl), eps 0.2 (DAPO clip-higher: --clip-eps-high 0.28), max_new_tokens 512-1024,
+one epoch, grad clip 1.0. Dr. GRPO: --no-scale-rewards --loss-agg seq-mean-token-sum-norm. Original GRPO:
+--loss-agg seq-mean-token-mean --beta 0.04.
+"""
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers) or countdown4"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the final evaluation (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 16
+    """prompts sampled per rollout"""
+    group_size: int = 8
+    """responses sampled per prompt (G)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant)"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch over a rollout"""
+    num_epochs: int = 1
+    """passes over each rollout"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    clip_eps_low: float = 0.2
+    """PPO clip range below 1"""
+    clip_eps_high: float = 0.2
+    """PPO clip range above 1 (DAPO clip-higher: 0.28)"""
+    beta: float = 0.0
+    """weight of the k3 KL to the frozen initial model (0: no reference model is loaded)"""
+    scale_rewards: bool = True
+    """divide group-centred rewards by the group std (--no-scale-rewards for Dr. GRPO)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """loss aggregation: token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses per rollout (prompts_per_step * group_size)"""
+    mini_batch_size: int = 0
+    """responses per optimizer step (batch_size // num_mini_batches)"""
+
+
+def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool, eps: float = 1e-6):
+    """Group-relative advantage per response. rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)).
+
+    Example: rewards [1, 0, 0, 0] in one group -> [1.5, -0.5, -0.5, -0.5] (unbiased std 0.5), or
+    [0.75, -0.25, -0.25, -0.25] without scaling."""
+    n_groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
+    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
+    centred = rewards - means[prompt_index]
+    sq = torch.zeros_like(means).index_add_(0, prompt_index, centred**2)
+    stds = (sq / (counts - 1).clamp(min=1)).sqrt()  # unbiased
+    advantages = centred / (stds[prompt_index] + eps) if scale_rewards else centred
+    return advantages, stds < 1e-8
+
+
+def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
+    clipped term is the active (larger) one."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref_logp - logp; >= 0, gradient through logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
+    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
+    mini-batch loss exactly. Defaults: this batch is the whole step."""
+    total_tokens = mask.sum() if total_tokens is None else total_tokens
+    total_seqs = mask.shape[0] if total_seqs is None else total_seqs
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / total_tokens
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+    if mode == "seq-mean-token-sum-norm":
+        max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
+        return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    args.mini_batch_size = args.batch_size // args.num_mini_batches
+    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
+        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
+    task = common.get_task(args.task)
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    logger = common.RunLogger(args, run_name)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    # ALGO LOGIC: the frozen reference model exists only when the KL term is on
+    ref_model = None
+    if args.beta > 0:
+        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
+        ref_model.eval().requires_grad_(False)
+
+    metrics = common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs)
+    logger.log(0, metrics)
+    print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(1, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old_logp, entropy = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len,
+                                                         args.temperature, with_entropy=True,
+                                                         chunk_size=args.micro_batch_size)  # (B, T) each
+            # ALGO LOGIC: reference log-probs for the KL term
+            ref_logp = None
+            if ref_model is not None:
+                ref_logp, _ = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                       args.temperature, chunk_size=args.micro_batch_size)
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: advantages
+        seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, args.scale_rewards)  # (B,), (n_groups,)
+        advantages = seq_advantages[:, None] * mask  # (B, T)
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                mb = order[mb_start : mb_start + args.mini_batch_size]
+                mb_tokens = mask[mb].sum()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    logp, _ = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                       args.temperature)  # (b, T)
+                    token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
+                                                               args.clip_eps_high)
+                    if ref_logp is not None:
+                        kl = k3_kl(logp, ref_logp[idx])
+                        token_loss = token_loss + args.beta * kl
+                        sums["kl"] += (kl.detach() * mask[idx]).sum().item()
+                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = logp - old_logp[idx]
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
+                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                optimizer.step()
+                sums["grad_norm"] += grad_norm.item()
+                sums["optimizer_steps"] += 1
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / sums["optimizer_steps"],
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        if ref_model is not None:
+            metrics["losses/kl"] = sums["kl"] / sums["tokens"]
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b], "reward": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()

@@ -1,0 +1,599 @@
+"""Shared, algorithm-free pieces of every script in `algorithms/`.
+
+What lives here (and nothing else, by design; advantages and losses stay in the algorithm files):
+tasks and reward verification, model/tokenizer loading, rollout, masked log-probs and entropy, pass@k evaluation,
+seeding, and the run folder / logging. See `../shared/specs/algorithms.md` §0 for the conventions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent
+EMBEDDED_MODEL = "benchmarks/tiny-countdown"
+"""The tiny base model that ships with the repository (built by `benchmarks/make_tiny_base.py`)."""
+
+
+class UserInputError(Exception):
+    """A problem with what the user asked for (flag value, path, dataset). Printed as one line, without a traceback."""
+
+
+def _excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, UserInputError):
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
+
+
+sys.excepthook = _excepthook
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Tasks and verifiers
+# ---------------------------------------------------------------------------------------------------------------------
+
+MAX_ANSWER_CHARS = 200
+"""Longer answers get reward 0 without being parsed, which bounds the verifier's time and recursion depth."""
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPERATORS = {"+": "+", "-": "-", "*": "*", "/": "/", "\u00d7": "*", "\u00f7": "/", "\u2212": "-"}
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _tokenize_expression(text: str) -> list[str]:
+    tokens, i = [], 0
+    while i < len(text):
+        ch = text[i]
+        if ch in " \t":
+            i += 1
+        elif "0" <= ch <= "9":  # ASCII digits only: str.isdigit() would accept '²' or full-width digits
+            j = i
+            while j < len(text) and "0" <= text[j] <= "9":
+                j += 1
+            tokens.append(text[i:j])
+            i = j
+        elif ch in _OPERATORS:
+            tokens.append(_OPERATORS[ch])
+            i += 1
+        elif ch in "()":
+            tokens.append(ch)
+            i += 1
+        else:
+            raise _Malformed(f"unexpected character {ch!r}")
+    return tokens
+
+
+def _parse_expression(tokens: list[str]) -> tuple[Fraction, list[int]]:
+    """Recursive descent over `expr := term (('+'|'-') term)*`, `term := atom (('*'|'/') atom)*`,
+    `atom := integer | '(' expr ')'`. No unary operators, no exponent. Returns the exact value and the literals."""
+    pos = 0
+    literals: list[int] = []
+
+    def peek():
+        return tokens[pos] if pos < len(tokens) else None
+
+    def atom() -> Fraction:
+        nonlocal pos
+        tok = peek()
+        if tok is None:
+            raise _Malformed("unexpected end")
+        if tok == "(":
+            pos += 1
+            value = expr()
+            if peek() != ")":
+                raise _Malformed("unbalanced parentheses")
+            pos += 1
+            return value
+        if tok.isdigit():
+            pos += 1
+            literals.append(int(tok))
+            return Fraction(int(tok))
+        raise _Malformed(f"unexpected token {tok!r}")
+
+    def term() -> Fraction:
+        nonlocal pos
+        value = atom()
+        while peek() in ("*", "/"):
+            op = tokens[pos]
+            pos += 1
+            rhs = atom()
+            if op == "/" and rhs == 0:
+                raise _Malformed("division by zero")
+            value = value * rhs if op == "*" else value / rhs
+        return value
+
+    def expr() -> Fraction:
+        nonlocal pos
+        value = term()
+        while peek() in ("+", "-"):
+            op = tokens[pos]
+            pos += 1
+            rhs = term()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    value = expr()
+    if pos != len(tokens):
+        raise _Malformed(f"trailing token {tokens[pos]!r}")
+    return value, literals
+
+
+def extract_countdown_answer(response: str) -> str:
+    """The last `<answer>...</answer>` if the response has one (instruction-tuned models), else the whole response."""
+    tagged = _ANSWER_TAG.findall(response)
+    return (tagged[-1] if tagged else response).strip()
+
+
+def verify_countdown(nums: list[int], target: int, response: str) -> tuple[bool, bool]:
+    """Check a countdown answer. Returns `(correct, parsed)`; never raises, never calls `eval`.
+
+    Correct iff the expression uses every given number exactly once (as a multiset), only + - * / (also × ÷ −) and
+    parentheses, and evaluates exactly (rational arithmetic) to `target`. `parsed` is False for text that is not a
+    well-formed expression (logged as `charts/unparseable_frac`)."""
+    answer = extract_countdown_answer(response) if isinstance(response, str) else ""
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return False, False
+    try:
+        value, literals = _parse_expression(_tokenize_expression(answer))
+    except _Malformed:
+        return False, False
+    # The multiset check comes after parsing (so `parsed` is meaningful) but no huge literal is ever used in
+    # arithmetic with a valid set: only the given small numbers can reach here with a chance of being correct.
+    return sorted(literals) == sorted(nums) and value == target, True
+
+
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+def _value(va: Fraction, vb: Fraction, op: str) -> Fraction | None:
+    if op == "+":
+        return va + vb
+    if op == "-":
+        return va - vb
+    if op == "*":
+        return va * vb
+    return va / vb if vb != 0 else None
+
+
+def _combine(a: tuple, b: tuple, op: str) -> tuple | None:
+    """Combine two solver nodes `(exact value, tree)`; a tree is an int or `(op, left, right)` with the operands of
+    + and * in a fixed order, so trees that differ only by swapping those operands are equal."""
+    (va, ta), (vb, tb) = a, b
+    value = _value(va, vb, op)
+    if value is None:
+        return None
+    tree = (op, *sorted((ta, tb), key=repr)) if op in "+*" else (op, ta, tb)
+    return value, tree
+
+
+def _all_expressions(nodes: list[tuple], target: Fraction | None = None) -> list[tuple]:
+    """Every expression tree over all the nodes (each used once), as `(value, tree)`: a DP over subsets of nodes.
+    With `target`, only the full trees of that value are built (the last level is most of the work)."""
+    full = (1 << len(nodes)) - 1
+    table = {1 << i: [node] for i, node in enumerate(nodes)}
+    for subset in range(1, full + 1):
+        if subset in table:
+            continue
+        found = []
+        left = (subset - 1) & subset
+        while left:  # every ordered split (left, right) of the subset
+            right = subset ^ left
+            for a in table[left]:
+                for b in table[right]:
+                    for op in "+-*/" if left < right else "-/":  # + and * once per unordered split
+                        if subset == full and target is not None and _value(a[0], b[0], op) != target:
+                            continue
+                        combined = _combine(a, b, op)
+                        if combined is not None:
+                            found.append(combined)
+            left = (left - 1) & subset
+        table[subset] = found
+    return table[full]
+
+
+def _render(tree) -> tuple[str, int]:
+    """Text with minimal parentheses, and the precedence of its top operator (3 for a number)."""
+    if isinstance(tree, int):
+        return str(tree), 3
+    op, a, b = tree
+    (ta, pa), (tb, pb) = _render(a), _render(b)
+    p = _PRECEDENCE[op]
+    left = f"({ta})" if pa < p else ta
+    right = f"({tb})" if pb < p or (pb == p and op in "-/") else tb
+    return f"{left}{op}{right}", p
+
+
+def _commuted(tree) -> list:
+    if isinstance(tree, int):
+        return [tree]
+    op, a, b = tree
+    out = []
+    for ca in _commuted(a):
+        for cb in _commuted(b):
+            out += [(op, ca, cb), (op, cb, ca)] if op in "+*" else [(op, ca, cb)]
+    return out
+
+
+def _solution_trees(nums: list[int], target: int) -> set:
+    return {tree for value, tree in _all_expressions([(Fraction(n), n) for n in nums], Fraction(target)) if value == target}
+
+
+def count_countdown_solutions(nums: list[int], target: int) -> int:
+    """Number of essentially different solutions: trees equal up to swapping the operands of + and * count once."""
+    return len(_solution_trees(nums, target))
+
+
+def solve_countdown(nums: list[int], target: int) -> list[str]:
+    """Every solution as text with minimal parentheses, both operand orders of + and * included, sorted."""
+    return sorted({_render(t)[0] for tree in _solution_trees(nums, target) for t in _commuted(tree)})
+
+
+@dataclass(frozen=True)
+class Countdown:
+    """Countdown: reach the target with the given numbers, each used exactly once, with + - * / and parentheses.
+
+    Prompt `"5 10 4>30:"`, answer `10+4*5`. Instances come from random expression trees over the numbers, so each
+    has at least one solution. The test split alternates instances with few solutions (exactly one for 3 numbers) and
+    instances with more (diversity matters to pass@k and distinct-answer counts); the train split is disjoint from it by (sorted numbers, target)."""
+
+    name: str
+    n_numbers: int
+    max_number: int
+    max_target: int
+    n_train: int = 10000
+    n_test: int = 512
+    max_new_tokens: int = 32
+    few_solutions: int = 1
+    """Test instances with at most this many essentially different solutions form the "few" half of the test split."""
+
+    def prompt(self, item: dict) -> str:
+        return f"{' '.join(str(n) for n in item['nums'])}>{item['target']}:"
+
+    def verify(self, item: dict, response: str) -> tuple[bool, bool]:
+        return verify_countdown(item["nums"], item["target"], response)
+
+    def answer_key(self, response: str) -> str:
+        """Normal form used to count distinct answers."""
+        return re.sub(r"\s+", "", extract_countdown_answer(response))
+
+    def _random_item(self, rng: random.Random) -> dict:
+        while True:
+            nums = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
+            nodes = [(Fraction(n), n) for n in nums]
+            while len(nodes) > 1:
+                i, j = rng.sample(range(len(nodes)), 2)
+                combined = _combine(nodes[i], nodes[j], rng.choice("+-*/"))
+                if combined is None:
+                    break
+                nodes = [n for k, n in enumerate(nodes) if k not in (i, j)] + [combined]
+            if len(nodes) == 1 and nodes[0][0].denominator == 1 and 1 <= nodes[0][0] <= self.max_target:
+                return {"nums": nums, "target": int(nodes[0][0])}
+
+    def test_items(self) -> list[dict]:
+        return _cached_split(self, "test")
+
+    def train_items(self) -> list[dict]:
+        return _cached_split(self, "train")
+
+
+_SPLITS: dict[tuple[str, str], list[dict]] = {}
+
+
+def _cached_split(task: Countdown, split: str) -> list[dict]:
+    key = (task.name, split)
+    if key in _SPLITS:
+        return _SPLITS[key]
+    test_rng, train_rng = random.Random(f"{task.name}-test"), random.Random(f"{task.name}-train")
+    max_draws = 50 * (task.n_train + task.n_test)  # the space of distinct instances is finite (~20k for 3 numbers)
+    few, many, seen = [], [], set()
+    for _ in range(max_draws):
+        if len(few) + len(many) == task.n_test:
+            break
+        item = task._random_item(test_rng)
+        item_key = (tuple(sorted(item["nums"])), item["target"])
+        if item_key in seen:
+            continue
+        bucket = few if count_countdown_solutions(item["nums"], item["target"]) <= task.few_solutions else many
+        if len(bucket) < task.n_test // 2:
+            seen.add(item_key)
+            bucket.append(item)
+    test = [item for pair in zip(few, many) for item in pair]
+    train, train_seen = [], set(seen)
+    for _ in range(max_draws):
+        if len(train) == task.n_train:
+            break
+        item = task._random_item(train_rng)
+        item_key = (tuple(sorted(item["nums"])), item["target"])
+        if item_key not in train_seen:
+            train_seen.add(item_key)
+            train.append(item)
+    if len(test) < task.n_test or len(train) < task.n_train:
+        raise UserInputError(f"task {task.name}: could not draw {task.n_train} + {task.n_test} distinct instances")
+    _SPLITS[(task.name, "test")], _SPLITS[(task.name, "train")] = test, train
+    return _SPLITS[key]
+
+
+TASKS = {
+    "countdown": Countdown("countdown", n_numbers=3, max_number=20, max_target=200),
+    "countdown4": Countdown("countdown4", n_numbers=4, max_number=25, max_target=300, max_new_tokens=48,
+                            few_solutions=3),
+}
+
+
+def get_task(name: str):
+    if name not in TASKS:
+        raise UserInputError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+class PromptSampler:
+    """Endless, seeded stream of training items: a fresh permutation each pass over the split."""
+
+    def __init__(self, items: list[dict], batch_size: int, seed: int):
+        if not items:
+            raise UserInputError("the training split is empty")
+        self.items, self.batch_size = items, batch_size
+        self.rng = np.random.default_rng(seed)
+        self.order, self.pos = self.rng.permutation(len(items)), 0
+
+    def next_batch(self) -> list[dict]:
+        batch = []
+        while len(batch) < self.batch_size:
+            if self.pos == len(self.order):
+                self.order, self.pos = self.rng.permutation(len(self.items)), 0
+            batch.append(self.items[self.order[self.pos]])
+            self.pos += 1
+        return batch
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(name: str) -> str:
+    """A local folder (relative to the working directory, then to the repository root), else a hub id `org/name`."""
+    for candidate in (Path(name).expanduser(), REPO_ROOT / name):
+        if candidate.is_dir():
+            return str(candidate)
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name):
+        raise UserInputError(f"model folder not found: {name}")
+    return name
+
+
+def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+    """Load a causal LM and its tokenizer with `from_pretrained`, from a local folder or the hub.
+
+    The tokenizer pads on the left (for batched generation) and falls back to EOS as pad. The model's own
+    generation_config is replaced by one that keeps only its special-token ids, so sampling is set by our flags
+    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    path = resolve_model_path(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except OSError as exc:
+        hint = " (offline: pass a local path)" if os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc) else ""
+        raise UserInputError(f"could not load model {name!r}{hint}: {str(exc).splitlines()[0]}") from None
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=model.generation_config.bos_token_id
+    )
+    return model.to(device), tokenizer
+
+
+def eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rollout
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """B = n_prompts * G responses. Response token t of row b sits at `input_ids[b, prompt_len + t]`."""
+
+    input_ids: torch.Tensor  # (B, P + T) left-padded prompt ⊕ response
+    attention_mask: torch.Tensor  # (B, P + T)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    prompt_index: torch.Tensor  # (B,) index into the list of prompts this response answers
+    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+    texts: list[str]  # decoded responses (special tokens removed)
+    prompt_len: int
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS, 0 after; correct when pad == eos."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device)).long()
+    return ((torch.cumsum(is_eos, dim=-1) - is_eos) == 0).long()
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
+            top_p: float = 1.0, top_k: int = 0, greedy: bool = False) -> Rollout:
+    """Sample `group_size` responses per prompt with HF `generate` (KV cache on), in one batch."""
+    device = next(model.parameters()).device
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
+    prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
+    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    was_training = model.training
+    model.eval()
+    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=max_new_tokens,
+                         do_sample=not greedy, use_cache=True, **sampling)
+    model.train(was_training)
+    P = prompt_ids.shape[1]
+    response_ids = out[:, P:]
+    eos = eos_ids(model)
+    response_mask = response_mask_from_ids(response_ids, eos)
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=device))
+    truncated = ~is_eos.any(dim=-1)
+    texts = tokenizer.batch_decode(response_ids * response_mask + (1 - response_mask) * tokenizer.pad_token_id,
+                                   skip_special_tokens=True)
+    attention_mask = torch.cat([prompt_attn, torch.ones_like(response_ids)], dim=1)
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+    return Rollout(out, attention_mask, response_ids, response_mask, prompt_index, truncated, texts, P)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Log-probs and entropy
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                      temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None):
+    """Log-prob of every response token, and optionally its full-vocabulary entropy, from temperature-scaled fp32 logits.
+
+    `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response. The logits that
+    predict response token t sit at position P - 1 + t. Rows are processed `chunk_size` at a time so at most one
+    (chunk, T, V) fp32 tensor is alive; gradients flow to `logp` if grad is enabled, never to the entropy.
+    Returns `(logp (B, T), entropy (B, T) or None)`."""
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    chunk_size = chunk_size or input_ids.shape[0]
+    logps, entropies = [], []
+    for start in range(0, input_ids.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
+                       logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]  # (b, T, V)
+        logits = logits.float() / temperature
+        log_probs = torch.log_softmax(logits, dim=-1)
+        logps.append(log_probs.gather(-1, input_ids[rows, -response_len:, None]).squeeze(-1))
+        if with_entropy:
+            with torch.no_grad():
+                entropies.append(torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1))
+        del logits, log_probs
+    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperature: float, max_new_tokens: int,
+             top_p: float = 1.0, top_k: int = 0, batch_size: int = 1024) -> dict:
+    """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt at `temperature` (mean@n),
+    unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt."""
+    prompts = [task.prompt(item) for item in items]
+    greedy_correct = []
+    for start in range(0, len(items), batch_size):
+        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, max_new_tokens, greedy=True)
+        greedy_correct += [task.verify(item, text)[0] for item, text in zip(items[start:start + batch_size], ro.texts)]
+    metrics = {"eval/greedy_acc": float(np.mean(greedy_correct))}
+    if n_samples == 0:
+        return metrics
+    per_prompt = max(1, batch_size // n_samples)
+    correct_counts, distinct = [], []
+    for start in range(0, len(items), per_prompt):
+        chunk = items[start:start + per_prompt]
+        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, max_new_tokens, temperature, top_p, top_k)
+        for i, item in enumerate(chunk):
+            texts = ro.texts[i * n_samples:(i + 1) * n_samples]
+            correct = [text for text in texts if task.verify(item, text)[0]]
+            correct_counts.append(len(correct))
+            distinct.append(len({task.answer_key(text) for text in correct}))
+    metrics[f"eval/mean@{n_samples}"] = sum(correct_counts) / (len(items) * n_samples)
+    k = 1
+    while k <= n_samples:
+        metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n_samples, c, k) for c in correct_counts]))
+        k *= 2
+    metrics["eval/distinct_correct"] = float(np.mean(distinct))
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Seeding, run folder, logging
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, deterministic: bool = True) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = deterministic
+
+
+class RunLogger:
+    """Writes `runs/<run_name>/config.json`, `metrics.jsonl` and `completions.jsonl`; mirrors to W&B with `--track`."""
+
+    def __init__(self, args, run_name: str):
+        self.run_dir = Path(args.output_dir) / run_name
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = asdict(args)
+        (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
+        self.wandb = None
+        if args.track:
+            import wandb
+
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+                                    config=self.config, dir=str(self.run_dir), save_code=True)
+
+    def log(self, step: int, metrics: dict) -> None:
+        record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
+                                   for k, v in metrics.items()}}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def log_completions(self, step: int, rows: list[dict]) -> None:
+        with open(self.run_dir / "completions.jsonl", "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+SUMMARY_KEYS = {"charts/accuracy": "acc", "charts/response_length_mean": "len", "losses/policy_loss": "loss",
+                "losses/entropy": "ent", "losses/cov": "cov", "losses/approx_kl": "kl~", "losses/clipfrac": "clip",
+                "time/step": "s"}
+
+
+def summary_line(step: int, num_steps: int, metrics: dict) -> str:
+    """One line per step: a fixed set of headline metrics, in a fixed order."""
+    parts = [f"step {step}/{num_steps}"]
+    parts += [f"{short} {metrics[key]:.3g}" for key, short in SUMMARY_KEYS.items() if key in metrics]
+    parts += [f"{key.split('/')[-1]} {value:.3f}" for key, value in metrics.items() if key.startswith("eval/")]
+    return " | ".join(parts)
