@@ -465,17 +465,28 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_token
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                      temperature: float = 1.0, with_entropy: bool = False, chunk_size: int | None = None):
-    """Log-prob of every response token, and optionally its full-vocabulary entropy, from temperature-scaled fp32 logits.
+@dataclass
+class TokenStats:
+    """Per-response-token statistics of a policy, each (B, T); the optional ones are None unless requested."""
 
-    `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response. The logits that
-    predict response token t sit at position P - 1 + t. Rows are processed `chunk_size` at a time so at most one
-    (chunk, T, V) fp32 tensor is alive; gradients flow to `logp` if grad is enabled, never to the entropy.
-    Returns `(logp (B, T), entropy (B, T) or None)`."""
+    logp: torch.Tensor  # log-prob of the sampled token
+    entropy: torch.Tensor | None = None  # full-vocabulary entropy of the next-token distribution
+    vocab_mean: torch.Tensor | None = None  # mean over the vocabulary of the log-probs (ROVER's uniform-policy value)
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
+                      with_vocab_mean: bool = False, chunk_size: int | None = None) -> TokenStats:
+    """Statistics of every response token from temperature-scaled fp32 logits.
+
+    `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response; the logits that predict
+    response token t sit at position P - 1 + t. Rows are processed `chunk_size` at a time, so at most one
+    (chunk, T, V) fp32 tensor is alive. Gradients flow to `logp` when grad is enabled; to the entropy only with
+    `entropy_grad` (entropy minimisation); never to `vocab_mean` (used only inside stop-gradient targets).
+    Entropy: H = logsumexp(z) - sum softmax(z) z. Vocabulary mean: mean_v log_softmax(z)_v = mean(z) - logsumexp(z)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     chunk_size = chunk_size or input_ids.shape[0]
-    logps, entropies = [], []
+    logps, entropies, vocab_means = [], [], []
     for start in range(0, input_ids.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
@@ -484,10 +495,14 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         log_probs = torch.log_softmax(logits, dim=-1)
         logps.append(log_probs.gather(-1, input_ids[rows, -response_len:, None]).squeeze(-1))
         if with_entropy:
-            with torch.no_grad():
+            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
                 entropies.append(torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1))
+        if with_vocab_mean:
+            with torch.no_grad():
+                vocab_means.append(log_probs.mean(-1))
         del logits, log_probs
-    return torch.cat(logps), (torch.cat(entropies) if with_entropy else None)
+    return TokenStats(torch.cat(logps), torch.cat(entropies) if with_entropy else None,
+                      torch.cat(vocab_means) if with_vocab_mean else None)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

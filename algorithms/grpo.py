@@ -95,7 +95,7 @@ class Args:
     eval_samples: int = 8
     """samples per test prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per test prompt in the final evaluation (pass@k up to this k)"""
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
     # Algorithm specific
     num_steps: int = 200
@@ -206,7 +206,7 @@ if __name__ == "__main__":
         ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
         ref_model.eval().requires_grad_(False)
 
-    metrics = common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs)
+    metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
     logger.log(0, metrics)
     print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(1, args.num_steps + 1):
@@ -225,14 +225,14 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
         logprob_start = time.time()
         with torch.no_grad():
-            old_logp, entropy = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len,
-                                                         args.temperature, with_entropy=True,
-                                                         chunk_size=args.micro_batch_size)  # (B, T) each
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
             # ALGO LOGIC: reference log-probs for the KL term
             ref_logp = None
             if ref_model is not None:
-                ref_logp, _ = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                       args.temperature, chunk_size=args.micro_batch_size)
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                    args.temperature, chunk_size=args.micro_batch_size).logp
         time_logprobs = time.time() - logprob_start
 
         # ALGO LOGIC: advantages
@@ -251,8 +251,8 @@ if __name__ == "__main__":
                 optimizer.zero_grad()
                 for micro_start in range(0, len(mb), args.micro_batch_size):
                     idx = mb[micro_start : micro_start + args.micro_batch_size]
-                    logp, _ = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                       args.temperature)  # (b, T)
+                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                    args.temperature).logp  # (b, T)
                     token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
                                                                args.clip_eps_high)
                     if ref_logp is not None:

@@ -30,7 +30,8 @@ def _manual_logprobs(model, prompt, response, temperature):
     logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
     log_probs = torch.log_softmax(logits, -1)
     probs = log_probs.exp()
-    return log_probs.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), -(probs * log_probs).sum(-1)
+    return (log_probs.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), -(probs * log_probs).sum(-1),
+            log_probs.mean(-1))
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
@@ -43,22 +44,29 @@ def test_response_logprobs_match_unpadded_computation(random_model, temperature)
     input_ids = torch.tensor([[pad] * (P - len(p)) + p + r for p, r in zip(prompts, responses)])
     attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(r)) for p, r in zip(prompts, responses)])
     with torch.no_grad():
-        logp, entropy = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True)
-        chunked, chunked_entropy = common.response_logprobs(model, input_ids, attention_mask, 3, temperature,
-                                                            with_entropy=True, chunk_size=1)
+        full = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True,
+                                        with_vocab_mean=True)
+        chunked = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True,
+                                           with_vocab_mean=True, chunk_size=1)
         for row, (p, r) in enumerate(zip(prompts, responses)):
-            ref_logp, ref_entropy = _manual_logprobs(model, p, r, temperature)
-            torch.testing.assert_close(logp[row], ref_logp, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(entropy[row], ref_entropy, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(chunked, logp)
-    torch.testing.assert_close(chunked_entropy, entropy)
+            ref_logp, ref_entropy, ref_vocab_mean = _manual_logprobs(model, p, r, temperature)
+            torch.testing.assert_close(full.logp[row], ref_logp, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(full.entropy[row], ref_entropy, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(full.vocab_mean[row], ref_vocab_mean, atol=1e-5, rtol=1e-5)
+    for name in ("logp", "entropy", "vocab_mean"):
+        torch.testing.assert_close(getattr(chunked, name), getattr(full, name))
 
 
-def test_logprobs_carry_gradient_and_entropy_does_not(random_model):
+def test_gradient_reaches_logp_and_entropy_only_when_asked(random_model):
     model, _ = random_model
     ids = torch.tensor([[3, 4, 5, 6]])
-    logp, entropy = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True)
-    assert logp.requires_grad and not entropy.requires_grad
+    stats = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True, with_vocab_mean=True)
+    assert stats.logp.requires_grad and not stats.entropy.requires_grad and not stats.vocab_mean.requires_grad
+    stats = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True, entropy_grad=True)
+    assert stats.entropy.requires_grad and stats.vocab_mean is None
+    with torch.no_grad():
+        assert not common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True,
+                                            entropy_grad=True).entropy.requires_grad
 
 
 @pytest.mark.parametrize("n", [1, 4, 7])

@@ -83,8 +83,8 @@ def test_first_on_policy_minibatch_has_ratio_one(random_model):
     model, tokenizer = random_model
     ro, mask, T = _rollout_batch(model, tokenizer)
     with torch.no_grad():
-        old_logp, _ = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, chunk_size=3)
-    logp, _ = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T)
+        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, chunk_size=3).logp
+    logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
     advantages = torch.randn(8)[:, None] * mask
     _, ratio, clipped = grpo.ppo_clip_loss(logp, old_logp, advantages, 0.2, 0.2)
     approx_kl = common.masked_mean((ratio - 1) - (logp - old_logp), mask)
@@ -97,10 +97,10 @@ def test_parameters_change_after_one_step(random_model):
     ro, mask, T = _rollout_batch(model, tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
-        old_logp, _ = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T)
+        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
     adv, _ = grpo.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    logp, _ = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T)
+    logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
     loss, _, _ = grpo.ppo_clip_loss(logp, old_logp, adv[:, None] * mask, 0.2, 0.2)
     grpo.aggregate_loss(loss, mask, "token-mean").backward()
     optimizer.step()

@@ -12,6 +12,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
 TINY_BUDGET = ["--num-steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
                "--eval-samples", "2", "--final-eval-samples", "4", "--log-completions-every", "1"]
+EXTRA_FLAGS = {}  # algorithm -> flags its tiny-budget run needs on top of TINY_BUDGET (e.g. a smaller set-up pass)
 
 
 def run(args, cwd=REPO_ROOT, timeout=60):
@@ -28,14 +29,15 @@ def test_help(name):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_end_to_end_tiny_budget(name, tmp_path):
     # run from another working directory: the script must find common.py and the embedded model itself
-    result = run([str(REPO_ROOT / "algorithms" / f"{name}.py"), *TINY_BUDGET, "--output-dir", str(tmp_path), "--save-model"],
+    result = run([str(REPO_ROOT / "algorithms" / f"{name}.py"), *TINY_BUDGET, *EXTRA_FLAGS.get(name, []),
+                  "--output-dir", str(tmp_path), "--save-model"],
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2]
     assert {"charts/accuracy", "losses/policy_loss", "losses/entropy", "losses/cov", "time/step"} <= set(records[1])
-    assert {"eval/greedy_acc", "eval/mean@4", "eval/pass@4", "eval/distinct_correct"} <= set(records[2])
+    assert {"eval/greedy_acc", "eval/mean@4", "eval/pass@4", "eval/distinct_correct"} <= set(records[0]) & set(records[2])
     assert json.loads((run_dir / "config.json").read_text())["num_steps"] == 2
     assert (run_dir / "completions.jsonl").exists() and (run_dir / "model" / "model.safetensors").exists()
 

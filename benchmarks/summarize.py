@@ -1,0 +1,80 @@
+"""Print Markdown tables from run folders, grouped by exp_name, with mean ± std over seeds.
+
+    python benchmarks/summarize.py runs/countdown__grpo__*                       # base (step 0) and final test metrics
+    python benchmarks/summarize.py runs/* --curve losses/entropy --every 25      # a metric against the step
+
+Each run folder is what an algorithm script writes: `config.json` and `metrics.jsonl`.
+"""
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+COLUMNS = ["eval/greedy_acc", "eval/mean@n", "eval/pass@8", "eval/pass@64", "eval/distinct_correct"]
+
+
+def load_run(run_dir: Path) -> dict:
+    """Returns {"name", "seed", "base": {...}, "final": {...}, "seconds"} from one run folder."""
+    config = json.loads((run_dir / "config.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    evals = [r for r in records if "eval/greedy_acc" in r]
+    if not evals:
+        raise ValueError(f"{run_dir}: no evaluation recorded")
+
+    def normalise(record: dict) -> dict:
+        out = {k: v for k, v in record.items() if k.startswith("eval/")}
+        out.update({"eval/mean@n": v for k, v in record.items() if k.startswith("eval/mean@")})
+        return out
+
+    seconds = sum(r.get("time/step", 0.0) for r in records)
+    return {"name": config["exp_name"], "seed": config["seed"], "base": normalise(evals[0]), "final": normalise(evals[-1]),
+            "final_step": evals[-1]["step"], "seconds": seconds, "records": {r["step"]: r for r in records}}
+
+
+def group_by_name(runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["name"], []).append(run)
+    return groups
+
+
+def mean_std(values: list[float]) -> str:
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| run | seeds | " + " | ".join(c.removeprefix("eval/") for c in COLUMNS) + " |",
+             "|---|---|" + "---|" * len(COLUMNS)]
+    for name, group in group_by_name(runs).items():
+        for stage in ("base", "final"):
+            cells = [mean_std([r[stage][c] for r in group if c in r[stage]]) for c in COLUMNS]
+            label = f"{name} (step 0)" if stage == "base" else f"{name} (step {group[0]['final_step']})"
+            lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def curve_table(runs: list[dict], key: str, every: int) -> str:
+    """`key` at steps 0, every, 2*every, ... (rows) for each exp_name (columns), mean ± std over seeds."""
+    groups = group_by_name(runs)
+    steps = sorted({step for run in runs for step in run["records"] if step % every == 0})
+    lines = [f"| step | {' | '.join(groups)} |", "|---|" + "---|" * len(groups)]
+    for step in steps:
+        cells = [mean_std([r["records"][step][key] for r in group if key in r["records"].get(step, {})])
+                 for group in groups.values()]
+        lines.append(f"| {step} | " + " | ".join(cells) + " |")
+    return f"{key}\n\n" + "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="run folders")
+    parser.add_argument("--curve", help="print this metric against the step instead of the base/final table")
+    parser.add_argument("--every", type=int, default=25, help="step interval of the --curve table")
+    cli = parser.parse_args()
+    runs = [load_run(p) for p in cli.runs]
+    print(curve_table(runs, cli.curve, cli.every) if cli.curve else table(runs))
