@@ -13,8 +13,9 @@ import os
 import random
 import re
 import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -260,9 +261,17 @@ class Countdown:
     max_new_tokens: int = 32
     few_solutions: int = 1
     """Test instances with at most this many essentially different solutions form the "few" half of the test split."""
+    chat_tokenizer: object = None
+    """set by get_task: a tokenizer with a chat template gets the natural-language question instead of the terse prompt"""
+
+    def question(self, item: dict) -> str:
+        return (f"Using the numbers {item['nums']}, write an arithmetic expression that equals {item['target']}. Use "
+                "each number exactly once, with + - * / and parentheses. Give the expression between <answer> and "
+                "</answer>, for example <answer>(1+2)*3</answer>.")
 
     def prompt(self, item: dict) -> str:
-        return f"{' '.join(str(n) for n in item['nums'])}>{item['target']}:"
+        return _chat_or_plain(self.chat_tokenizer, self.question(item),
+                              f"{' '.join(str(n) for n in item['nums'])}>{item['target']}:")
 
     def verify(self, item: dict, response: str) -> tuple[bool, bool]:
         return verify_countdown(item["nums"], item["target"], response)
@@ -328,17 +337,172 @@ def _cached_split(task: Countdown, split: str) -> list[dict]:
     return _SPLITS[key]
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Math word problems: GSM8K and MATH, loaded with `datasets`, checked with math-verify
+# ---------------------------------------------------------------------------------------------------------------------
+
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+MAX_MATH_ANSWER_CHARS = 1000
+"""Longer extracted answers get reward 0 without being parsed (bounds sympy's work off the main thread too)."""
+
+
+def extract_final_answer(response: str) -> str | None:
+    """The content of the last `\\boxed{...}` (nested braces allowed), else the text after the last `####`, else None."""
+    start = response.rfind("\\boxed")
+    while start != -1:
+        open_brace = start + len("\\boxed")
+        if response[open_brace : open_brace + 1] == "{":
+            depth = 0
+            for i in range(open_brace, len(response)):
+                depth += {"{": 1, "}": -1}.get(response[i], 0)
+                if depth == 0:
+                    return response[open_brace + 1 : i].strip()
+        start = response.rfind("\\boxed", 0, start)  # unbalanced: try an earlier one
+    hashes = re.findall(r"####\s*([^\n]*)", response)
+    if hashes and hashes[-1].strip():
+        return hashes[-1].strip()
+    return None
+
+
+def verify_math(gold: str, response: str) -> tuple[bool, bool]:
+    """Is the response's final answer equivalent to `gold` (math-verify, gold first)? Returns `(correct, parsed)`.
+
+    No final answer, an unparseable one, a parse error or a timeout -> (False, ...); never raises. math-verify bounds
+    its work with SIGALRM, which exists only in the main thread; elsewhere its timeouts are turned off and the answer
+    length bound is what limits the work."""
+    if not isinstance(response, str) or not isinstance(gold, str):
+        return False, False
+    answer = extract_final_answer(response)
+    if answer is None or len(answer) > MAX_MATH_ANSWER_CHARS:
+        return False, False
+    from math_verify import parse, verify
+
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    parse_timeout, verify_timeout = (5, 5) if in_main_thread else (None, None)
+    try:
+        gold_parsed = parse(f"${gold}$", parsing_timeout=parse_timeout)
+        answer_parsed = parse(f"${answer}$", parsing_timeout=parse_timeout)
+        if not answer_parsed:
+            return False, False
+        return bool(verify(gold_parsed, answer_parsed, timeout_seconds=verify_timeout)), True
+    except Exception:  # math-verify and sympy raise many types on hostile input; any of them means "not verified"
+        return False, True
+
+
+@dataclass(frozen=True)
+class MathTask:
+    """GSM8K / MATH-style problems with a single final answer, from the hub or a local folder (`--dataset`).
+
+    Items are `{"question": str, "gold": str}`. GSM8K's gold is what follows `####` in `answer` (thousands separators
+    removed); MATH's is the `answer` field, or the last `\\boxed{}` of `solution`. Malformed rows are skipped and
+    counted. A local folder needs a train and a test file (`train.jsonl`, `test.parquet`, ...), as the hub's layout."""
+
+    name: str
+    train_source: str
+    test_source: str
+    config: str | None = None
+    question_field: str = "question"
+    max_new_tokens: int = 512
+    chat_tokenizer: object = None
+
+    def question(self, item: dict) -> str:
+        return f"{item['question']}\n{MATH_INSTRUCTION}"
+
+    def prompt(self, item: dict) -> str:
+        return _chat_or_plain(self.chat_tokenizer, self.question(item), self.question(item) + "\n")
+
+    def verify(self, item: dict, response: str) -> tuple[bool, bool]:
+        return verify_math(item["gold"], response)
+
+    def answer_key(self, response: str) -> str:
+        return re.sub(r"\s+", "", extract_final_answer(response) or "")
+
+    def gold(self, row: dict) -> str | None:
+        if self.name == "gsm8k":
+            answer = row.get("answer")
+            return answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) and "####" in answer else None
+        answer = row.get("answer")
+        if isinstance(answer, str) and answer.strip():
+            return answer.strip()
+        solution = row.get("solution")
+        return extract_final_answer(solution) if isinstance(solution, str) else None
+
+    def train_items(self) -> list[dict]:
+        return _math_split(self, "train")
+
+    def test_items(self) -> list[dict]:
+        return _math_split(self, "test")
+
+
+def _chat_or_plain(tokenizer, question: str, plain: str) -> str:
+    """The tokenizer's chat template around the question when it has one, else the plain prompt."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                             add_generation_prompt=True)
+    return plain
+
+
+def load_rows(source: str, split: str, config: str | None = None):
+    """`datasets.load_dataset` on a hub id or a local folder, one split; every failure becomes one clear line."""
+    from datasets import load_dataset
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        raise UserInputError(f"dataset {source!r} is a single file: pass a folder with a train and a test file")
+    if not path.is_dir() and not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", source):
+        raise UserInputError(f"dataset folder not found: {source}")
+    try:
+        return load_dataset(str(path) if path.is_dir() else source, config, split=split)
+    except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ... depending on the cause
+        hint = " (offline: pass a local path)" if not path.is_dir() else ""
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError(f"could not load the {split} split of dataset {source!r}{hint}: {first_line}") from None
+
+
+def _math_split(task: MathTask, split: str) -> list[dict]:
+    key = (f"{task.name}:{task.train_source}:{task.test_source}", split)
+    if key in _SPLITS:
+        return _SPLITS[key]
+    source = task.train_source if split == "train" else task.test_source
+    rows = load_rows(source, split, task.config)
+    items, skipped = [], []
+    for index, row in enumerate(rows):
+        question, gold = row.get(task.question_field), task.gold(row)
+        if isinstance(question, str) and question.strip() and gold:
+            items.append({"question": question.strip(), "gold": gold})
+        else:
+            skipped.append(index)
+    if skipped:
+        print(f"warning: {source} ({split}): skipped {len(skipped)} malformed row(s), e.g. row {skipped[0]} "
+              f"(needs a non-empty '{task.question_field}' and a final answer)", file=sys.stderr)
+    if not items:
+        raise UserInputError(f"the {split} split of dataset {source!r} has no usable rows")
+    _SPLITS[key] = items
+    return items
+
+
 TASKS = {
     "countdown": Countdown("countdown", n_numbers=3, max_number=20, max_target=200),
     "countdown4": Countdown("countdown4", n_numbers=4, max_number=25, max_target=300, max_new_tokens=48,
                             few_solutions=3),
+    "gsm8k": MathTask("gsm8k", "openai/gsm8k", "openai/gsm8k", config="main"),
+    "math": MathTask("math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", question_field="problem",
+                     max_new_tokens=1024),
 }
 
 
-def get_task(name: str):
+def get_task(name: str, dataset: str | None = None, tokenizer=None):
+    """The task `name`, reading its data from `dataset` (hub id or local folder) instead of its default source, and
+    formatting prompts with `tokenizer`'s chat template when it has one."""
     if name not in TASKS:
         raise UserInputError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
-    return TASKS[name]
+    task = TASKS[name]
+    if dataset:
+        if not isinstance(task, MathTask):
+            raise UserInputError(f"task {name} is generated, it reads no dataset; --dataset applies to gsm8k and math")
+        task = replace(task, train_source=dataset, test_source=dataset,
+                       config=task.config if dataset == task.train_source else None)
+    return replace(task, chat_tokenizer=tokenizer) if tokenizer is not None else task
 
 
 class PromptSampler:
