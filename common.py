@@ -31,8 +31,12 @@ class UserInputError(Exception):
     """A problem with what the user asked for (flag value, path, dataset). Printed as one line, without a traceback."""
 
 
+class TrainingStopped(Exception):
+    """The run cannot go on (e.g. non-finite losses step after step). Printed as one line, without a traceback."""
+
+
 def _excepthook(exc_type, exc, tb):
-    if issubclass(exc_type, UserInputError):
+    if issubclass(exc_type, (UserInputError, TrainingStopped)):
         print(f"error: {exc}", file=sys.stderr)
     else:
         sys.__excepthook__(exc_type, exc, tb)
@@ -515,6 +519,13 @@ class PromptSampler:
         self.rng = np.random.default_rng(seed)
         self.order, self.pos = self.rng.permutation(len(items)), 0
 
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.bit_generator.state, "order": self.order.tolist(), "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.order, self.pos = np.array(state["order"]), state["pos"]
+
     def next_batch(self) -> list[dict]:
         batch = []
         while len(batch) < self.batch_size:
@@ -730,14 +741,108 @@ def seed_everything(seed: int, deterministic: bool = True) -> None:
     torch.backends.cudnn.deterministic = deterministic
 
 
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def rng_state() -> dict:
+    """Every random state a run consumes: Python, NumPy, torch CPU (sampling in `generate` included) and CUDA."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
+    """Write `state` (state_dicts of models, optimizers, the sampler, method state) with the step and all RNG states.
+
+    Atomic: the file is written beside the old one, flushed to disk, then renamed over it, so a kill during the save
+    leaves the previous checkpoint intact."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        torch.save({"step": step, "rng": rng_state(), **state}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def load_checkpoint(run_dir: str | Path) -> dict:
+    """Read a run folder's checkpoint (the caller restores models, optimizers, ...; RNG states are restored here)."""
+    path = Path(run_dir) / CHECKPOINT_FILE
+    if not path.is_file():
+        raise UserInputError(f"no checkpoint to resume from: {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
+        set_rng_state(checkpoint["rng"])
+    except Exception as exc:
+        raise UserInputError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}); "
+                             "it cannot be resumed") from None
+    return checkpoint
+
+
+def resume_config(args, args_class):
+    """With `--resume RUN_DIR`, the run's saved config.json replaces the command line (so the run continues with
+    exactly its own settings); only `--num-steps`, when given, overrides the saved value. Returns the args to use."""
+    if not args.resume:
+        return args
+    config_file = Path(args.resume) / "config.json"
+    if not config_file.is_file():
+        raise UserInputError(f"cannot resume: {config_file} does not exist")
+    try:
+        saved = json.loads(config_file.read_text())
+        restored = args_class(**{**saved, "resume": args.resume})
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise UserInputError(f"cannot resume: {config_file} is not this script's config ({exc})") from None
+    if args.num_steps != args_class.num_steps:  # given on the command line: the resumed run goes to this step
+        restored.num_steps = args.num_steps
+    return restored
+
+
+class NonFiniteGuard:
+    """Skip optimizer steps whose gradient norm is not finite (a non-finite loss makes it so); after `patience` such
+    steps in a row, stop the run with a clear message (the last checkpoint on disk is the last good state)."""
+
+    def __init__(self, patience: int = 5):
+        self.patience, self.in_a_row, self.skipped = patience, 0, 0
+
+    def step_ok(self, grad_norm: torch.Tensor) -> bool:
+        if torch.isfinite(grad_norm):
+            self.in_a_row = 0
+            return True
+        self.skipped += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.patience:
+            raise TrainingStopped(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient; "
+                                  "stopping (the last checkpoint is intact)")
+        return False
+
+
 class RunLogger:
     """Writes `runs/<run_name>/config.json`, `metrics.jsonl` and `completions.jsonl`; mirrors to W&B with `--track`."""
 
-    def __init__(self, args, run_name: str):
-        self.run_dir = Path(args.output_dir) / run_name
+    def __init__(self, args, run_name: str, resume_step: int | None = None):
+        """A new run folder, or with `resume_step` the existing one: records after that step (written after the
+        checkpoint, before a crash) are dropped, since the resumed run writes them again."""
+        self.run_dir = Path(args.output_dir) / run_name if resume_step is None else Path(args.resume)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config = asdict(args)
         (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        if resume_step is not None:
+            for name in ("metrics.jsonl", "completions.jsonl"):
+                path = self.run_dir / name
+                if path.exists():
+                    kept = [line for line in path.read_text().splitlines(keepends=True)
+                            if line.strip() and _record_step(line) <= resume_step]
+                    path.write_text("".join(kept))
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         self.wandb = None
         if args.track:
@@ -763,6 +868,13 @@ class RunLogger:
         self.metrics_file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _record_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return math.inf  # a line torn by a kill mid-write: drop it
 
 
 SUMMARY_KEYS = {"charts/accuracy": "acc", "charts/response_length_mean": "len", "losses/policy_loss": "loss",

@@ -98,3 +98,40 @@ def test_prompt_sampler_is_seeded_and_covers_each_pass_once():
     assert sorted(x["i"] for x in first_pass) == list(range(10))
     with pytest.raises(common.UserInputError, match="empty"):
         common.PromptSampler([], 4, seed=0)
+
+
+# Property tests: the verifier never raises, always answers 0 or 1, and accepts every correct expression we build.
+from fractions import Fraction  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=4), st.integers(-50, 500), st.text(max_size=300))
+def test_verifier_never_raises_on_any_text(nums, target, response):
+    correct, parsed = common.verify_countdown(nums, target, response)
+    assert isinstance(correct, bool) and isinstance(parsed, bool) and (parsed or not correct)
+
+
+@st.composite
+def expression_over(draw, nums):
+    """A random expression tree over exactly these numbers, rendered with full parentheses, and its exact value."""
+    nodes = [(str(n), Fraction(n)) for n in nums]
+    while len(nodes) > 1:
+        i, j = draw(st.permutations(range(len(nodes))))[:2]
+        (ta, va), (tb, vb) = nodes[i], nodes[j]
+        op = draw(st.sampled_from("+-*/" if vb != 0 else "+-*"))
+        value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va / vb if vb else None}[op]
+        nodes = [n for k, n in enumerate(nodes) if k not in (i, j)] + [(f"({ta}{op}{tb})", value)]
+    return nodes[0]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.lists(st.integers(1, 25), min_size=2, max_size=4))
+def test_verifier_accepts_every_constructed_correct_expression(data, nums):
+    text, value = data.draw(expression_over(nums))
+    if value.denominator == 1:  # the task's targets are integers
+        spaced = data.draw(st.booleans())
+        assert common.verify_countdown(nums, int(value), text.replace("+", " + ") if spaced else text) == (True, True)
+        assert common.verify_countdown(nums, int(value) + 1, text) == (False, True)

@@ -1,0 +1,102 @@
+"""Checkpoints, RNG capture, resume bookkeeping and the non-finite guard in common.py."""
+
+import json
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import common
+
+
+def draw():
+    return random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.multinomial(torch.ones(50), 5).tolist()
+
+
+def test_checkpoint_restores_every_random_state_and_the_sampler(tmp_path):
+    common.seed_everything(7)
+    sampler = common.PromptSampler([{"i": i} for i in range(10)], 4, seed=7)
+    sampler.next_batch()
+    common.save_checkpoint(tmp_path, 3, {"sampler": sampler.state_dict(), "extra": [1, 2]})
+    expected = (draw(), sampler.next_batch(), sampler.next_batch(), sampler.next_batch())
+
+    common.seed_everything(123)  # disturb everything, then restore
+    restored = common.PromptSampler([{"i": i} for i in range(10)], 4, seed=999)
+    checkpoint = common.load_checkpoint(tmp_path)
+    restored.load_state_dict(checkpoint["sampler"])
+    assert checkpoint["step"] == 3 and checkpoint["extra"] == [1, 2]
+    assert (draw(), restored.next_batch(), restored.next_batch(), restored.next_batch()) == expected
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    common.save_checkpoint(tmp_path, 1, {"weights": torch.ones(2)})
+
+    def dies_midway(obj, f):
+        f.write(b"partial bytes")
+        raise KeyboardInterrupt  # stands in for SIGKILL during the write
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint(tmp_path, 2, {"weights": torch.zeros(2)})
+    monkeypatch.undo()
+    checkpoint = common.load_checkpoint(tmp_path)
+    assert checkpoint["step"] == 1 and torch.equal(checkpoint["weights"], torch.ones(2))
+
+
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(common.UserInputError, match="no checkpoint to resume from"):
+        common.load_checkpoint(tmp_path)
+    (tmp_path / common.CHECKPOINT_FILE).write_bytes(b"not a checkpoint")
+    with pytest.raises(common.UserInputError, match="corrupt or incomplete"):
+        common.load_checkpoint(tmp_path)
+
+
+@dataclass
+class ToyArgs:
+    output_dir: str = "runs"
+    num_steps: int = 200
+    learning_rate: float = 1e-4
+    resume: str = ""
+    track: bool = False
+
+
+def test_resume_uses_the_saved_config_and_only_num_steps_from_the_command_line(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"output_dir": "x", "num_steps": 50, "learning_rate": 3e-4,
+                                                      "resume": "", "track": False}))
+    restored = common.resume_config(ToyArgs(learning_rate=1.0, resume=str(tmp_path)), ToyArgs)
+    assert (restored.learning_rate, restored.num_steps, restored.resume) == (3e-4, 50, str(tmp_path))
+    extended = common.resume_config(ToyArgs(num_steps=80, resume=str(tmp_path)), ToyArgs)
+    assert extended.num_steps == 80
+    assert common.resume_config(ToyArgs(), ToyArgs) == ToyArgs()  # no --resume: unchanged
+    (tmp_path / "config.json").write_text(json.dumps({"unknown_field": 1}))
+    with pytest.raises(common.UserInputError, match="not this script's config"):
+        common.resume_config(ToyArgs(resume=str(tmp_path)), ToyArgs)
+
+
+def test_resumed_logger_drops_records_written_after_the_checkpoint(tmp_path):
+    args = ToyArgs(output_dir=str(tmp_path))
+    logger = common.RunLogger(args, "run")
+    for step in range(6):
+        logger.log(step, {"x": step})
+    logger.close()
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "x"')  # torn by a kill mid-write
+    resumed = common.RunLogger(ToyArgs(output_dir=str(tmp_path), resume=str(tmp_path / "run")), "ignored", resume_step=3)
+    resumed.log(4, {"x": 40})
+    resumed.close()
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 3, 4]
+
+
+def test_non_finite_guard_skips_and_then_stops():
+    guard = common.NonFiniteGuard(patience=3)
+    assert guard.step_ok(torch.tensor(1.0))
+    assert not guard.step_ok(torch.tensor(float("nan")))
+    assert not guard.step_ok(torch.tensor(float("inf")))
+    assert guard.step_ok(torch.tensor(2.0)) and guard.in_a_row == 0 and guard.skipped == 2  # a good step resets
+    guard.step_ok(torch.tensor(float("nan")))
+    guard.step_ok(torch.tensor(float("nan")))
+    with pytest.raises(common.TrainingStopped, match="3 optimizer steps in a row"):
+        guard.step_ok(torch.tensor(float("nan")))
