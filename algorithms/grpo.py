@@ -74,12 +74,18 @@ class Args:
     """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
     log_completions_every: int = 50
     """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
 
     # Model & data
     model_name: str = common.EMBEDDED_MODEL
     """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (3 numbers) or countdown4"""
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
     max_new_tokens: int = 32
     """maximum response length in tokens"""
     temperature: float = 1.0
@@ -179,12 +185,11 @@ def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=No
 
 
 if __name__ == "__main__":
-    args = tyro.cli(Args)
+    args = common.resume_config(tyro.cli(Args), Args)
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
     if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
         raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
-    task = common.get_task(args.task)
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: seeding
@@ -193,10 +198,19 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
-    logger = common.RunLogger(args, run_name)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
     print(f"run folder: {logger.run_dir}")
 
@@ -206,10 +220,11 @@ if __name__ == "__main__":
         ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
         ref_model.eval().requires_grad_(False)
 
-    metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
-    logger.log(0, metrics)
-    print(common.summary_line(0, args.num_steps, metrics), flush=True)
-    for step in range(1, args.num_steps + 1):
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
@@ -268,8 +283,10 @@ if __name__ == "__main__":
                         sums["tokens"] += mask[idx].sum().item()
                         sums["policy_loss"] += loss.item()
                 grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
-                optimizer.step()
-                sums["grad_norm"] += grad_norm.item()
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
         time_train = time.time() - train_start
 
@@ -288,12 +305,13 @@ if __name__ == "__main__":
             "charts/frac_zero_std_groups": zero_std.float().mean().item(),
             "charts/learning_rate": optimizer.param_groups[0]["lr"],
             "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
             "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
             "losses/entropy": common.masked_mean(entropy, mask).item(),
             "losses/cov": cov,
             "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
             "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
-            "losses/grad_norm": sums["grad_norm"] / sums["optimizer_steps"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
             "time/generate": time_generate,
             "time/logprobs": time_logprobs,
             "time/train": time_train,
@@ -310,6 +328,9 @@ if __name__ == "__main__":
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b], "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
 
     if args.save_model:
         policy.save_pretrained(logger.run_dir / "model")

@@ -1,0 +1,62 @@
+"""Kill a run with SIGKILL part way, resume it, and get exactly the metrics of an uninterrupted run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESUMABLE = ["grpo"]
+FLAGS = ["--num-steps", "6", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8", "--eval-samples",
+         "2", "--final-eval-samples", "4", "--eval-every", "3", "--checkpoint-every", "2", "--log-completions-every", "0"]
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+TIMING = ("time/", "charts/tokens_per_sec")
+
+
+def records(run_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
+
+
+def start(name, out, *extra):
+    return subprocess.Popen([sys.executable, f"algorithms/{name}.py", *FLAGS, "--output-dir", str(out), *extra],
+                            cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.parametrize("name", RESUMABLE)
+def test_killed_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path):
+    full = start(name, tmp_path / "full")
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
+
+    victim = start(name, tmp_path / "killed")
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill it once the step-2 checkpoint exists, wherever it then is
+        run_dirs = list((tmp_path / "killed").glob("*/checkpoint.pt"))
+        if run_dirs or victim.poll() is not None:
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, "the run finished before it could be killed"
+    time.sleep(0.3)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    (run_dir,) = (tmp_path / "killed").iterdir()
+    assert records(run_dir)[-1]["step"] < 6
+
+    resumed = subprocess.run([sys.executable, f"algorithms/{name}.py", "--resume", str(run_dir)], cwd=REPO_ROOT, env=ENV,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    (full_dir,) = (tmp_path / "full").iterdir()
+    assert records(run_dir) == records(full_dir)
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({}))
+    result = subprocess.run([sys.executable, "algorithms/grpo.py", "--resume", str(tmp_path / "nowhere")], cwd=REPO_ROOT,
+                            env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: cannot resume")
+    assert "Traceback" not in result.stderr
