@@ -422,9 +422,10 @@ class MathTask:
         return re.sub(r"\s+", "", extract_final_answer(response) or "")
 
     def gold(self, row: dict) -> str | None:
-        if self.name == "gsm8k":
+        if self.name == "gsm8k":  # "... #### 1,234": a number after the last ####, else the row is malformed
             answer = row.get("answer")
-            return answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) and "####" in answer else None
+            gold = answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) and "####" in answer else ""
+            return gold if re.fullmatch(r"-?\d+(\.\d+)?", gold) else None
         answer = row.get("answer")
         if isinstance(answer, str) and answer.strip():
             return answer.strip()
