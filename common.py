@@ -613,6 +613,8 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int])
 def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
             top_p: float = 1.0, top_k: int = 0, greedy: bool = False) -> Rollout:
     """Sample `group_size` responses per prompt with HF `generate` (KV cache on), in one batch."""
+    if not greedy and not temperature > 0:
+        raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
     device = next(model.parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)

@@ -116,6 +116,7 @@ CLI_CASES = [
     (["--task", "gsm8k", "--dataset", "./no/such/folder"], "error: dataset folder not found"),
     (["--resume", "RUN_WITHOUT_CONFIG"], "error: cannot resume"),
     (["--resume", "CORRUPT_RUN"], "error: checkpoint"),
+    (["--temperature", "0"], "error: the sampling temperature must be > 0"),
     (["--loss-agg", "bogus"], None),  # tyro's own message
     (["--learning-rate", "fast"], None),
 ]

@@ -100,3 +100,16 @@ def test_non_finite_guard_skips_and_then_stops():
     guard.step_ok(torch.tensor(float("nan")))
     with pytest.raises(common.TrainingStopped, match="3 optimizer steps in a row"):
         guard.step_ok(torch.tensor(float("nan")))
+
+
+def test_a_nan_loss_leaves_the_parameters_untouched(random_model):
+    model, _ = random_model
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer, guard = torch.optim.AdamW(model.parameters(), lr=1e-3), common.NonFiniteGuard()
+    ids = torch.tensor([[3, 4, 5, 6]])
+    logp = common.response_logprobs(model, ids, torch.ones_like(ids), 2).logp
+    (logp.sum() * float("nan")).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    if guard.step_ok(grad_norm):
+        optimizer.step()
+    assert guard.skipped == 1 and all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
