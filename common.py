@@ -14,7 +14,6 @@ import random
 import re
 import sys
 import threading
-import time
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -254,7 +253,8 @@ class Countdown:
 
     Prompt `"5 10 4>30:"`, answer `10+4*5`. Instances come from random expression trees over the numbers, so each
     has at least one solution. The test split alternates instances with few solutions (exactly one for 3 numbers) and
-    instances with more (diversity matters to pass@k and distinct-answer counts); the train split is disjoint from it by (sorted numbers, target)."""
+    instances with more (diversity matters to pass@k and distinct-answer counts); the train split is disjoint from it
+    by (sorted numbers, target)."""
 
     name: str
     n_numbers: int

@@ -101,7 +101,8 @@ def summary_table(groups: dict[str, list[dict]], timings: dict) -> str:
     base_runs = [run for runs in groups.values() for run in runs if evals(run) and evals(run)[0]["step"] == 0]
     if base_runs:
         base = [evals(run)[0] for run in base_runs]
-        cells = ["base model", str(len(base)), fmt([e["eval/greedy_acc"] for e in base]), fmt([e["eval/mean@n"] for e in base])]
+        cells = ["base model", str(len(base)), fmt([e["eval/greedy_acc"] for e in base]),
+                 fmt([e["eval/mean@n"] for e in base])]
         cells += [fmt([e[f"eval/pass@{k}"] for e in base if f"eval/pass@{k}" in e]) for k in PASS_KS]
         cells += ["–", fmt([e["eval/distinct_correct"] for e in base], 2)] + ["–"] * 4
         lines.append("| " + " | ".join(cells) + " |")

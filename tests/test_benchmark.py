@@ -72,7 +72,8 @@ def write_run(root, algo, seed, greedy, entropy_acc, pass_at):
                                                      "temperature": 1.0}))
     base = {"step": 0, "eval/greedy_acc": 0.3, "eval/mean@4": 0.25, "eval/distinct_correct": 1.0,
             **{f"eval/pass@{k}": 0.2 * k for k in (1, 2, 4)}}
-    steps = [{"step": i + 1, "losses/entropy": h, "charts/accuracy": r, "time/step": 0.5} for i, (h, r) in enumerate(entropy_acc)]
+    steps = [{"step": i + 1, "losses/entropy": h, "charts/accuracy": r, "time/step": 0.5}
+             for i, (h, r) in enumerate(entropy_acc)]
     final = {**steps[-1], "eval/greedy_acc": greedy, "eval/mean@4": greedy, "eval/distinct_correct": 2.0,
              **{f"eval/pass@{k}": p for k, p in pass_at.items()}}
     (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [base, steps[0], final]) + "\n")

@@ -64,8 +64,8 @@ def write_jsonl(path, rows):
 
 @pytest.fixture
 def gsm8k_folder(tmp_path):
-    rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many now?", "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}"}
-            for i in range(10)]
+    rows = [{"question": f"Tom has {i} apples and buys {i + 1} more. How many now?",
+             "answer": f"{i}+{i + 1}={2 * i + 1}\n#### {2 * i + 1}"} for i in range(10)]
     bad = [{"question": "", "answer": "#### 1"}, {"question": "No final answer?", "answer": "It is 3."},
            {"answer": "#### 4"}, {"question": "Thousands?", "answer": "#### 1,234"}]
     write_jsonl(tmp_path / "train.jsonl", rows + bad)

@@ -60,4 +60,3 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
                             env=ENV, capture_output=True, text=True, timeout=600)
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: cannot resume")
     assert "Traceback" not in result.stderr
-
