@@ -1,0 +1,383 @@
+# docs and experiment results can be found at README.md#em-rl
+"""EM-RL: reinforcement learning whose only reward is the policy's own certainty (no labels), with EM-FT as a flag.
+
+Paper: "The Unreasonable Effectiveness of Entropy Minimization in LLM Reasoning", Agarwal, Zhang, Yuan, Han, Peng 2025,
+arXiv:2505.15134.
+
+Objective, for response i of group g (n responses to one prompt, sampled by pi_old) and its valid tokens t:
+    r_i = -mean_t H(pi_old(.|x, y_<t))   (--reward-type token)     or   r_i = mean_t log pi_old(y_t|x, y_<t)   (sequence)
+    A_i = r_i - mean_{j in g, j != i} r_j                            (RLOO, no std)
+    L_t = max(-A_i rho_t, -A_i clip(rho_t, 1 - eps, 1 + eps)) + beta * k3_t,   rho_t = exp(logp_t - old_logp_t)
+    EM-FT (--method em-ft): L_t = H(pi_theta(.|x, y_<t)) + beta * k3_t, on self-sampled responses; loss = token-mean(L)
+
+Implementation details:
+1. No labels reach the training signal. The rewards are computed from the sampling policy's token statistics (old.logp,
+   old.entropy: full-vocabulary entropy of temperature-scaled fp32 logits) in the no-grad pass right after generation;
+   the reward, advantage and loss functions never see the task items or the verifier's verdicts, which are only
+   logged (charts/accuracy, tested by a run whose gold answers are garbage: identical losses and parameters).
+2. The reward is the mean over valid tokens (the released code); --reward-norm sum gives the paper's Eq. 3-4 sums,
+   which favour short responses because every term has a fixed sign.
+3. RLOO advantage A_i = n/(n-1) (r_i - mean_g r), groups formed by prompt index; broadcast to every valid token.
+4. PPO clip 0.2, token-mean, plus beta * k3 KL to the frozen initial model in the loss (beta 0.001; low_var_kl).
+   The released code also clamps each k3 value to +-10; left out, as spec section 0 defines k3 without it (it acts
+   only on sampled tokens that the policy finds over 13 times less likely than the reference: exp(d) - d - 1 > 10).
+5. --entropy-coef is the released config's entropy bonus (loss -= coef * token-mean entropy). The released runs kept
+   verl's default 0.001 on, pulling against the EM reward; the default here is 0, as the spec decides.
+6. EM-FT (--method em-ft; paper only, no released code): minimise the token-mean entropy of the current policy along
+   self-sampled responses, gradient through the entropy at every position (sampled tokens are only context). The
+   paper's main runs use one sample per prompt (--prompts-per-step 128 --group-size 1). For losses/cov, EM-FT's token
+   advantage is the policy-gradient weight of -H on the sampled token, logp_t + H_t (E_a[(log pi_a + H) grad log pi_a]
+   = -grad H).
+7. 128 responses per step as GRPO's benchmark, grouped as the paper's n = 4: 32 prompts x 4.
+8. Not implemented: EM-INF (inference-time logit optimisation); it changes decoding, not training, and would need its
+   own sampling loop in this file.
+
+Defaults are tuned for the embedded countdown benchmark (benchmarks/results/em_rl.md): --reward-type sequence (the
+paper's best is token) and learning_rate 3e-5, 32 prompts x 4. On the tiny model the token-entropy reward does not
+rank a prompt's correct answers above its wrong ones (0.50 of such pairs, against 0.69 for the sequence reward), and
+at GRPO's 1e-4 it collapses the model onto confident, prompt-independent wrong answers. Paper/released-code
+defaults: --reward-type token, learning_rate 1e-6 (AdamW, constant), n = 4, 512 prompts (2048 responses) per rollout
+split into 4 mini-batches of 128 prompts, 1 epoch, clip 0.2, beta 0.001 (k3 in the loss), entropy_coef 0.001 (by
+accident), grad clip 1.0, temperature 1.0, max response 3072, about 100 steps with early stopping; EM-FT about 40 steps.
+"""
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 32
+    """prompts sampled per rollout (32 x 4 = 128 responses, GRPO's budget; paper: 512)"""
+    group_size: int = 4
+    """responses sampled per prompt (n; paper: 4; EM-FT paper runs: 1)"""
+    learning_rate: float = 3e-5
+    """AdamW learning rate (constant; tuned for the tiny model, paper: 1e-6)"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch over a rollout (paper: 4)"""
+    num_epochs: int = 1
+    """passes over each rollout"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    method: Literal["em-rl", "em-ft"] = "em-rl"
+    """em-rl: PPO on the self-certainty reward with RLOO; em-ft: minimise the token entropy of self-sampled responses"""
+    reward_type: Literal["token", "sequence"] = "sequence"
+    """EM-RL reward: token = minus the mean token entropy (paper's best), sequence = mean log-prob of the sampled tokens
+    (tuned default: on the tiny model only this one predicts correctness)"""
+    reward_norm: Literal["mean", "sum"] = "mean"
+    """reduce the per-token reward terms by their mean over valid tokens (released code) or their sum (paper)"""
+    clip_eps_low: float = 0.2
+    """PPO clip range below 1"""
+    clip_eps_high: float = 0.2
+    """PPO clip range above 1"""
+    beta: float = 0.001
+    """weight of the k3 KL to the frozen initial model (paper: 0.001; 0: no reference model is loaded)"""
+    entropy_coef: float = 0.0
+    """entropy bonus: loss -= coef * token-mean entropy (released runs: 0.001 by accident; 0 = off)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """loss aggregation: token-mean (paper, verl default), seq-mean-token-mean, seq-mean-token-sum-norm"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses per rollout (prompts_per_step * group_size)"""
+    mini_batch_size: int = 0
+    """responses per optimizer step (batch_size // num_mini_batches)"""
+
+
+def self_certainty_rewards(old_logp, entropy, mask, reward_type: str, reward_norm: str):
+    """EM-RL reward per response from the sampling policy's statistics alone. old_logp, entropy, mask: (B, T).
+    Returns (B,): minus the token entropies (token) or the sampled tokens' log-probs (sequence), reduced over the
+    valid tokens by their mean or sum. Example: entropies [0.5, 0.3, (pad)] -> token reward -(0.5 + 0.3) / 2 = -0.4."""
+    per_token = -entropy if reward_type == "token" else old_logp  # (B, T)
+    summed = (per_token * mask).sum(-1)  # (B,)
+    return summed / mask.sum(-1).clamp(min=1) if reward_norm == "mean" else summed
+
+
+def rloo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor):
+    """Leave-one-out advantage A_i = r_i - mean_{j != i} r_j = n/(n-1) (r_i - mean_g r), no std. rewards,
+    prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)); a group of one gets A = 0.
+
+    Example: one group [1, 2, 3, 4] -> [1 - 3, 2 - 8/3, 3 - 7/3, 4 - 2] = [-2, -2/3, 2/3, 2]."""
+    n_groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
+    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
+    centred = rewards - means[prompt_index]
+    spread = torch.zeros_like(means).index_add_(0, prompt_index, centred.abs())  # (n_groups,)
+    advantages = centred * (counts / (counts - 1).clamp(min=1))[prompt_index]
+    return advantages, spread < 1e-8
+
+
+def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
+    clipped term is the active (larger) one."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref_logp - logp; >= 0, gradient through logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
+    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
+    mini-batch loss exactly. Defaults: this batch is the whole step."""
+    total_tokens = mask.sum() if total_tokens is None else total_tokens
+    total_seqs = mask.shape[0] if total_seqs is None else total_seqs
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / total_tokens
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+    if mode == "seq-mean-token-sum-norm":
+        max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
+        return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+if __name__ == "__main__":
+    args = common.resume_config(tyro.cli(Args), Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    args.mini_batch_size = args.batch_size // args.num_mini_batches
+    min_group_size = 2 if args.method == "em-rl" else 1
+    if args.group_size < min_group_size or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
+        raise common.UserInputError("need group_size >= 2 (RLOO; em-ft accepts 1) and num_mini_batches dividing "
+                                    "prompts_per_step * group_size")
+    if args.method == "em-ft" and args.entropy_coef:
+        raise common.UserInputError("--entropy-coef is an EM-RL term; EM-FT's loss already is the entropy")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    # ALGO LOGIC: the frozen reference model exists only when the KL term is on
+    ref_model = None
+    if args.beta > 0:
+        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
+        ref_model.eval().requires_grad_(False)
+
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
+            # ALGO LOGIC: reference log-probs for the KL term
+            ref_logp = None
+            if ref_model is not None:
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                    args.temperature, chunk_size=args.micro_batch_size).logp
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: rewards from the sampling policy alone (the verifier's `rewards` above are only logged as accuracy)
+        em_rewards = self_certainty_rewards(old_logp, entropy, mask, args.reward_type, args.reward_norm)  # (B,)
+
+        # ALGO LOGIC: advantages
+        seq_advantages, zero_std = rloo_advantages(em_rewards, ro.prompt_index)  # (B,), (n_groups,)
+        advantages = seq_advantages[:, None] * mask  # (B, T)
+        if args.method == "em-ft":  # no advantage in its loss; the policy-gradient weight of -H per token, for losses/cov
+            advantages = (old_logp + entropy) * mask
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        entropy_in_loss = args.method == "em-ft" or args.entropy_coef != 0
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                mb = order[mb_start : mb_start + args.mini_batch_size]
+                mb_tokens = mask[mb].sum()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    stats = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                     args.temperature, with_entropy=entropy_in_loss,
+                                                     entropy_grad=entropy_in_loss)
+                    logp = stats.logp  # (b, T)
+                    if args.method == "em-rl":
+                        token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
+                                                                   args.clip_eps_high)
+                        if args.entropy_coef:
+                            token_loss = token_loss - args.entropy_coef * stats.entropy
+                    else:  # EM-FT: the gradient flows through every position's full next-token distribution; no clipping
+                        token_loss, ratio = stats.entropy, torch.exp(logp - old_logp[idx])
+                        clipped = torch.zeros_like(logp, dtype=torch.bool)
+                    if ref_logp is not None:
+                        kl = k3_kl(logp, ref_logp[idx])
+                        token_loss = token_loss + args.beta * kl
+                        sums["kl"] += (kl.detach() * mask[idx]).sum().item()
+                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = logp - old_logp[idx]
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
+                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
+                sums["optimizer_steps"] += 1
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": em_rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        if ref_model is not None:
+            metrics["losses/kl"] = sums["kl"] / sums["tokens"]
+        # ALGO LOGIC: method metrics (both reward types whatever is trained on, and the size of the learning signal)
+        for reward_type in ("token", "sequence"):
+            type_rewards = self_certainty_rewards(old_logp, entropy, mask, reward_type, "mean")  # (B,)
+            metrics[f"charts/em_{reward_type}_reward"] = type_rewards.mean().item()
+        metrics["charts/em_advantage_abs_mean"] = seq_advantages.abs().mean().item()
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
+                                           "reward": em_rewards[b].item(), "correct": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()
