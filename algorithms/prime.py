@@ -1,0 +1,489 @@
+# docs and experiment results can be found at README.md#prime
+"""PRIME: Process Reinforcement through Implicit Rewards (implicit process reward model + leave-one-out + PPO).
+
+Paper: "Process Reinforcement through Implicit Rewards", Cui et al. 2025, arXiv:2502.01456 (code: PRIME-RL/PRIME,
+and the verl recipe `recipe/prime`).
+
+Objective, for response i of a kept group (the n responses to one prompt) with outcome acc_i in {0, 1}, valid tokens t:
+    q_t = log pi_phi(y_t) - log pi_ref(y_t);  L_PRM = BCE(sigmoid(beta sum_t q_t), acc_i)          (implicit PRM, trained)
+    r_t = beta q_t / max_{i,t} |sum_{s>=t} beta q_s|                                         (one batch-wide scale)
+    a_t = r_t n/(n-1) - sum_j mean_s(r_j,s)/(n-1) + [t = last] (acc_i - mean_{j!=i} acc_j)   (leave-one-out per source)
+    A_t = whiten(sum_{s>=t} gamma^(s-t) a_s);  L_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))
+
+Implementation details:
+1. Three models, all loaded from the base model: the policy, the implicit PRM pi_phi (a full causal LM, trained) and
+   the PRM reference pi_ref (frozen). Memory: three copies plus two AdamW states. For a large model,
+   `--prm-ref policy` takes the policy's own old log-probs as pi_ref (verl's `ref_type: policy`), so only two copies
+   are held; the PRM can also live on other devices, since it only exchanges (B, T) tensors with the policy.
+   Checkpoints (--checkpoint-every, --resume) hold the PRM and its optimizer beside the policy's.
+2. The rollout is grpo.py's: prompts_per_step x group_size = 32 x 4 = 128 sampled responses, GRPO's per-step sample
+   budget. Then the filter keeps a prompt iff acc_low <= its accuracy <= acc_high (n = 4: 1 to 3 correct) and, with
+   --filter-truncated, none of its responses is truncated. Only the kept prompts train; their number varies
+   (charts/kept_frac). Deviation: the original code samples until a fixed number of prompts pass, verl oversamples 4x
+   and keeps a fixed quarter; here the sampled budget is fixed and the training batch varies. A step with no kept prompt
+   makes no PRM or policy update (counted in charts/empty_steps; its loss metrics are NaN).
+3. q_t uses temperature-scaled fp32 log-probs for the PRM and its reference alike, and is 0 after EOS. The PRM takes
+   one epoch over the kept responses in num_mini_batches steps (AdamW without weight decay, clipping at
+   prm_max_grad_norm). --prm-update after (default, the original code): the rewards are the q of the loss's own
+   forward pass, i.e. the PRM before its step; before (the verl recipe's default): step first, then re-score. The PRM is
+   re-scored after its update either way, for charts/prm_acc_after (one extra no-grad forward pass).
+4. PRM pairwise accuracy (the code's dpo_acc): over the pairs of one group whose outcomes differ, the share where
+   sum_t q_t ranks the correct response above the wrong one, pooled over the batch; a tie counts one half (step 1,
+   where pi_phi = pi_ref and every score is 0, gives 0.5), and no such pair gives 0.5.
+5. Process rewards are normalised by one scalar over the kept batch (prime_norm batch_norm), so |process return| <= 1
+   and beta only sets the sharpness of the PRM loss.
+6. Leave-one-out per source in the code's form (m_i = mean reward of row i; for the process source this adds
+   (r_t - m_i)/(n-1) to the paper's r_t - mean_{j!=i} m_j; it sums to 0 over a response). Outcome and process terms
+   are summed 1:1, turned into returns with gamma, and whitened over the kept batch's valid tokens (unbiased variance),
+   as both implementations do (the paper's text uses the returns directly). Groups follow the prompt index.
+7. Policy: PPO clip 0.2, token-mean over the kept responses' tokens, no KL, no entropy bonus; old_logp as in grpo.py.
+8. Metrics comparable with grpo.py (accuracy, entropy, lengths, frac_zero_std_groups) cover all sampled responses;
+   losses/cov uses the advantage tensor of all sampled responses, where the filtered-out ones have A = 0 (as GRPO's
+   all-equal groups do).
+
+Defaults are tuned for the embedded countdown benchmark. Paper/real-model defaults: learning_rate 5e-7,
+prm_learning_rate 1e-6, prm_beta 0.05, group_size 4, prompt batch 256 (original) / 64 (verl, oversampled 4x), PPO eps
+0.2, one epoch, policy grad clip 1.0, PRM grad clip 10, gamma 1, --prm-update after (original) / before (verl),
+responses up to 3072 tokens.
+"""
+
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 32
+    """prompts sampled per rollout, before the accuracy filter (32 x 4 = GRPO's 128 responses; the paper: 256)"""
+    group_size: int = 4
+    """responses sampled per prompt (n; the leave-one-out baselines need n >= 2)"""
+    learning_rate: float = 1e-4
+    """policy AdamW learning rate (constant; the paper: 5e-7 for 7B models)"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch over the kept responses (policy and PRM alike)"""
+    num_epochs: int = 1
+    """passes of the policy over each rollout (the PRM always makes one)"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    clip_eps_low: float = 0.2
+    """PPO clip range below 1"""
+    clip_eps_high: float = 0.2
+    """PPO clip range above 1 (DAPO clip-higher: 0.28)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """loss aggregation: token-mean (PRIME, DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold of the policy"""
+    prm_beta: float = 0.05
+    """beta of the implicit process reward beta * (log pi_phi - log pi_ref) and of the PRM's cross-entropy loss"""
+    prm_learning_rate: float = 1e-4
+    """implicit PRM AdamW learning rate (constant; the paper: 1e-6 for 7B; 0 freezes pi_phi = pi_ref: q = 0, outcome only)"""
+    prm_max_grad_norm: float = 10.0
+    """gradient clipping threshold of the implicit PRM"""
+    prm_update: Literal["after", "before"] = "after"
+    """after: rewards from the PRM before its update (one forward pass, the original code); before: update, then re-score"""
+    prm_ref: Literal["freeze", "policy"] = "freeze"
+    """reference of the implicit PRM: a frozen copy of the base model, or the policy's old log-probs (one copy fewer)"""
+    acc_low: float = 0.2
+    """keep a prompt only if the accuracy of its responses is at least this"""
+    acc_high: float = 0.8
+    """keep a prompt only if the accuracy of its responses is at most this"""
+    filter_truncated: bool = True
+    """drop every prompt with a truncated response (no EOS within max_new_tokens)"""
+    gamma: float = 1.0
+    """discount of the returns built from the token-level advantages"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses sampled per rollout (prompts_per_step * group_size); the kept ones train"""
+
+
+def keep_prompts(acc, truncated, prompt_index, acc_low: float, acc_high: float, filter_truncated: bool):
+    """PRIME's accuracy filter. acc, truncated, prompt_index: (B,). Returns (keep (n_prompts,) bool, group_acc (n_prompts,)).
+
+    Example with n = 4, bounds [0.2, 0.8]: a prompt with 0 or 4 correct responses is dropped, 1 to 3 correct is kept
+    unless one of its responses is truncated (with filter_truncated)."""
+    n_prompts = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_prompts).to(acc.dtype)  # (n_prompts,)
+    group_acc = torch.zeros(n_prompts, dtype=acc.dtype, device=acc.device).index_add_(0, prompt_index, acc) / counts
+    keep = (group_acc >= acc_low) & (group_acc <= acc_high)
+    if filter_truncated:
+        n_truncated = torch.zeros_like(group_acc).index_add_(0, prompt_index, truncated.to(acc.dtype))
+        keep &= n_truncated == 0
+    return keep, group_acc
+
+
+@torch.no_grad()
+def prm_reference_logprobs(prm_ref, old_logp, input_ids, attention_mask, response_len: int, temperature: float,
+                           chunk_size: int | None = None):
+    """log pi_ref of the response tokens (B, T), never differentiable: from the frozen copy, or with `prm_ref` None
+    (--prm-ref policy) the policy's old log-probs."""
+    if prm_ref is None:
+        return old_logp.detach()
+    return common.response_logprobs(prm_ref, input_ids, attention_mask, response_len, temperature, chunk_size=chunk_size).logp
+
+
+def prm_ce_loss(q, mask, acc, beta: float, total_seqs=None):
+    """Cross-entropy of the implicit PRM on outcome labels, BCE(sigmoid(beta * sum_t q_t), acc), summed over this batch
+    and divided by `total_seqs` (the whole optimizer step's count when this is one micro-batch of it; default: this
+    batch). q, mask: (b, T); acc: (b,). Gradient flows through q, i.e. through log pi_phi only."""
+    total_seqs = acc.shape[0] if total_seqs is None else total_seqs
+    return F.binary_cross_entropy_with_logits(beta * (q * mask).sum(-1), acc, reduction="sum") / total_seqs
+
+
+def pairwise_ranking_accuracy(seq_scores, acc, prompt_index) -> float:
+    """Share of the pairs (correct, wrong) within one group where the correct response has the higher score; a tie
+    counts one half; 0.5 when no group has such a pair. All (B,)."""
+    correct_over_wrong = (prompt_index[:, None] == prompt_index[None, :]) & (acc[:, None] > acc[None, :])  # (B, B)
+    if not correct_over_wrong.any():
+        return 0.5
+    diff = seq_scores[:, None] - seq_scores[None, :]  # (B, B) score of row minus score of column
+    wins = (diff > 0).float() + 0.5 * (diff == 0).float()
+    return (wins[correct_over_wrong].sum() / correct_over_wrong.sum()).item()
+
+
+def discounted_returns(rewards, mask, gamma: float):
+    """returns_t = sum_{s >= t} gamma^(s - t) rewards_s over the valid tokens, 0 after them. (B, T) -> (B, T).
+    With gamma = 1 a reverse cumulative sum: rewards [1, 2, 3] -> [6, 5, 3]."""
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])  # (B,)
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] * mask[:, t] + gamma * running
+        returns[:, t] = running
+    return returns * mask
+
+
+def normalise_process_rewards(rewards, mask, eps: float = 1e-6):
+    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum|, so that every process
+    return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
+    scale = discounted_returns(rewards, mask, 1.0).abs().max() + eps
+    return rewards * mask / scale, scale
+
+
+def last_token_mask(mask):
+    """(B, T) -> (B, T) with a 1 at the last valid token of each row (the EOS, or the last token of a truncated one)."""
+    return mask * (mask.cumsum(-1) == mask.sum(-1, keepdim=True)).to(mask.dtype)
+
+
+def leave_one_out(scores, score_mask, prompt_index):
+    """Leave-one-out baseline of one reward source, PRIME's code form. scores, score_mask: (B, T); prompt_index: (B,).
+
+    With m_i the mean of row i over its masked positions and n the size of its group:
+    scores * n / (n - 1) - sum_{j in group} m_j / (n - 1) at the masked positions, 0 elsewhere. For the outcome source
+    (acc at the last token only) this is acc_i - mean_{j != i} acc_j: acc [1, 0, 0, 1] -> [2/3, -2/3, -2/3, 2/3]."""
+    n_groups = int(prompt_index.max()) + 1
+    sizes = torch.bincount(prompt_index, minlength=n_groups)  # (n_groups,)
+    if (sizes[prompt_index] < 2).any():
+        raise ValueError("leave-one-out baselines need at least 2 responses in every group")
+    row_means = (scores * score_mask).sum(-1) / score_mask.sum(-1).clamp(min=1)  # (B,)
+    group_sums = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(0, prompt_index, row_means)
+    n = sizes[prompt_index].to(scores.dtype)[:, None]  # (B, 1)
+    return (scores * n / (n - 1) - group_sums[prompt_index][:, None] / (n - 1)) * score_mask
+
+
+def masked_whiten(x, mask, eps: float = 1e-8):
+    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch (unbiased variance); 0 at padding. (B, T)."""
+    mean = common.masked_mean(x, mask)
+    var = (((x - mean) * mask) ** 2).sum() / (mask.sum() - 1).clamp(min=1)
+    return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
+    clipped term is the active (larger) one."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
+    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
+    mini-batch loss exactly. Defaults: this batch is the whole step."""
+    total_tokens = mask.sum() if total_tokens is None else total_tokens
+    total_seqs = mask.shape[0] if total_seqs is None else total_seqs
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / total_tokens
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+    if mode == "seq-mean-token-sum-norm":
+        max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
+        return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+if __name__ == "__main__":
+    args = common.resume_config(tyro.cli(Args), Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    if args.group_size < 2 or args.num_mini_batches < 1:
+        raise common.UserInputError("need group_size >= 2 (leave-one-out baselines) and num_mini_batches >= 1")
+    if not 0 <= args.acc_low <= args.acc_high <= 1 or args.prm_beta <= 0 or not 0 <= args.gamma <= 1:
+        raise common.UserInputError("need 0 <= acc_low <= acc_high <= 1, prm_beta > 0 and 0 <= gamma <= 1")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    # ALGO LOGIC: the implicit PRM (trained) and its frozen reference (with --prm-ref policy: the policy's old log-probs)
+    prm, _ = common.load_model_and_tokenizer(args.model_name, device)
+    prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=0.0)
+    prm_ref = None
+    if args.prm_ref == "freeze":
+        prm_ref, _ = common.load_model_and_tokenizer(args.model_name, device)
+        prm_ref.eval().requires_grad_(False)
+    empty_steps = 0
+    if args.resume:
+        prm.load_state_dict(checkpoint["prm"])
+        prm_optimizer.load_state_dict(checkpoint["prm_optimizer"])
+        empty_steps = checkpoint["empty_steps"]
+
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: accuracy filter (sample, then keep the prompts with 1 to n-1 correct and no truncated response)
+        keep_prompt, group_acc = keep_prompts(rewards, ro.truncated, ro.prompt_index, args.acc_low, args.acc_high,
+                                              args.filter_truncated)  # (n_prompts,) each
+        zero_std = (group_acc == 0) | (group_acc == 1)  # rewards are 0/1: all-equal groups, logged as in grpo.py
+        kept_rows = keep_prompt[ro.prompt_index].nonzero().squeeze(-1)  # (K,) the responses of the kept prompts
+        n_mini_batches = min(args.num_mini_batches, len(kept_rows))  # 0: nothing to train on, no update this step
+        empty_steps += int(n_mini_batches == 0)
+        prime_metrics = {"charts/kept_frac": keep_prompt.float().mean().item(), "charts/empty_steps": empty_steps}
+
+        # ALGO LOGIC: implicit PRM, its process rewards q_t and its cross-entropy update on the outcome labels
+        prm_start = time.time()
+        if n_mini_batches:
+            kept_mask, kept_acc, kept_index = mask[kept_rows], rewards[kept_rows], ro.prompt_index[kept_rows]  # (K, T), (K,)
+            kept_ids, kept_attention = ro.input_ids[kept_rows], ro.attention_mask[kept_rows]
+            ref_logp = prm_reference_logprobs(prm_ref, old_logp[kept_rows], kept_ids, kept_attention, response_len,
+                                              args.temperature, args.micro_batch_size)  # (K, T)
+            q_before = torch.zeros_like(kept_mask)  # (K, T) q of the loss's forward pass, before the PRM's step
+            prm_sums = defaultdict(float)
+            prm.train()
+            for mb in torch.arange(len(kept_rows), device=device).tensor_split(n_mini_batches):
+                prm_optimizer.zero_grad()
+                for idx in mb.split(args.micro_batch_size):
+                    prm_logp = common.response_logprobs(prm, kept_ids[idx], kept_attention[idx], response_len,
+                                                        args.temperature).logp  # (b, T)
+                    q = (prm_logp - ref_logp[idx]) * kept_mask[idx]
+                    prm_loss = prm_ce_loss(q, kept_mask[idx], kept_acc[idx], args.prm_beta, len(mb))
+                    prm_loss.backward()
+                    q_before[idx] = q.detach()
+                    prm_sums["loss"] += prm_loss.item()
+                prm_grad_norm = torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_max_grad_norm)
+                if guard.step_ok(prm_grad_norm):  # a non-finite PRM loss or gradient skips its step too
+                    prm_optimizer.step()
+                    prm_sums["grad_norm"] += prm_grad_norm.item()
+                    prm_sums["applied_steps"] += 1
+            with torch.no_grad():
+                q_after = (common.response_logprobs(prm, kept_ids, kept_attention, response_len, args.temperature,
+                                                    chunk_size=args.micro_batch_size).logp - ref_logp) * kept_mask
+            q = q_before if args.prm_update == "after" else q_after
+            prime_metrics.update({
+                "losses/prm_loss": prm_sums["loss"] / n_mini_batches,
+                "losses/prm_grad_norm": prm_sums["grad_norm"] / max(1, prm_sums["applied_steps"]),
+                "charts/prm_acc_before": pairwise_ranking_accuracy(q_before.sum(-1), kept_acc, kept_index),
+                "charts/prm_acc_after": pairwise_ranking_accuracy(q_after.sum(-1), kept_acc, kept_index),
+                "charts/prm_q_sum_mean": q.sum(-1).mean().item(),
+            })
+        prime_metrics["time/prm"] = time.time() - prm_start
+
+        # ALGO LOGIC: advantages (leave-one-out per reward source, summed, returns, whitened over the kept tokens)
+        advantages = torch.zeros_like(mask)  # (B, T); the filtered-out responses keep A = 0
+        if n_mini_batches:
+            process_rewards, process_scale = normalise_process_rewards(args.prm_beta * q, kept_mask)  # (K, T), ()
+            last_token = last_token_mask(kept_mask)  # (K, T)
+            outcome_advantages = leave_one_out(kept_acc[:, None] * last_token, last_token, kept_index)
+            process_advantages = leave_one_out(process_rewards, kept_mask, kept_index)
+            returns = discounted_returns(outcome_advantages + process_advantages, kept_mask, args.gamma)
+            advantages[kept_rows] = masked_whiten(returns, kept_mask)
+            prime_metrics["charts/process_reward_scale"] = process_scale.item()
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps over the kept responses, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        for epoch in range(args.num_epochs if n_mini_batches else 0):
+            order = kept_rows[torch.randperm(len(kept_rows), device=device)]
+            for mb in order.tensor_split(n_mini_batches):
+                mb_tokens = mask[mb].sum()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                    args.temperature).logp  # (b, T)
+                    token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
+                                                               args.clip_eps_high)
+                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = logp - old_logp[idx]
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
+                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
+                sums["optimizer_steps"] += 1
+        if not n_mini_batches:  # a step with no kept prompt trains nothing: its loss metrics are logged as NaN, not as 0
+            sums.update(optimizer_steps=math.nan, tokens=math.nan)
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        metrics.update(prime_metrics)
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
+                                           "reward": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
+                                                          "prm": prm.state_dict(), "prm_optimizer": prm_optimizer.state_dict(),
+                                                          "empty_steps": empty_steps})
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()
