@@ -1,0 +1,379 @@
+# docs and experiment results can be found at README.md#clip-cov
+"""Clip-Cov: GRPO whose gradient is cut on a few random high-covariance tokens, to keep the policy's entropy up.
+
+Paper: "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", Cui et al. 2025,
+arXiv:2505.22617 (section 5, Clip-Cov; reference code PRIME-RL/Entropy-Mechanism-of-RL, verl `clip_cov`).
+
+Objective, for the N valid tokens i of one mini-batch (GRPO advantages A_i, r_i = exp(logp_i - old_logp_i)):
+    cov_i = (A_i - mean_m A) (logp_i - mean_m logp)                   (detached; the entropy change is ~ -Cov)
+    I_clip = k tokens drawn uniformly from {i : w_low < cov_i < w_high, not PPO-clipped},  k = max(int(r N), 1)
+    L_i = 0 (and no gradient) for i in I_clip, else max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps))
+    loss = sum_i L_i / N                                              (I_clip still counts in the denominator)
+
+Implementation details:
+1. Rewards, groups, advantages, mask, log-probs and aggregation are GRPO's (see grpo.py): std-normalised group
+   advantages broadcast to the valid tokens, old_logp frozen per rollout, token-mean by default, no KL.
+2. Selection is over the whole mini-batch, as the spec asks (the authors select per GPU micro-batch, an
+   approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
+   over the mini-batch gives its detached logp; the covariance, the PPO-clipped tokens and the selected set come from
+   it, then the usual micro-batched forward/backward applies the selection. The extra pass costs one forward per
+   mini-batch; memory stays bounded by micro_batch_size. The pass runs in the same chunks as the gradient pass, so the
+   two see bit-identical log-probs.
+3. The covariance uses masked means over the mini-batch's valid tokens only; padding gets cov 0 and is never a
+   candidate. Candidates are strictly inside (w_low, w_high); tokens the PPO clamp already clips are excluded.
+4. Selected tokens get zero loss through `torch.where` (so exactly zero gradient, as the code's detach) and stay in
+   the token-mean denominator; k = min(max(int(r N), 1), #candidates). The draw uses torch's global RNG (seeded).
+5. PPO eps_low = eps_high = 1 (ratio clamp [0, 2]): the authors keep the PPO clamp only as a guard against extreme
+   ratios; Clip-Cov does the clipping. losses/clipfrac is the PPO clamp's share, losses/clip_cov_selected the
+   number of tokens Clip-Cov selects per optimizer step (a count, averaged over the step's optimizer steps).
+6. Mini-batches: one per rollout, as grpo.py. Clip-Cov acts on-policy (it removes gradient directly, unlike KL-Cov),
+   and in the seed-1 tuning four mini-batches per rollout kept the entropy lower than one, with lower accuracy
+   (benchmarks/results/clip_kl_cov.md).
+7. losses/cov is the rollout-level covariance over old_logp, the same metric as every file; the per-token cov of the
+   selection is over the mini-batch and the current logp (identical on the first mini-batch of a rollout).
+
+Defaults are tuned for the embedded countdown benchmark (about 1,000 valid tokens per rollout, of which ~20 have a
+covariance in (1, 5)). The paper's r = 2e-4 selects max(int(0.2), 1) = 1 token per step here, which changes nothing
+measurable; tuned: r = 0.02 (k = 20, so most steps cut nearly every candidate), bounds kept at the paper's (1, 5)
+(benchmarks/results/clip_kl_cov.md lists what was tried).
+Paper/real-model defaults: clip_cov_ratio 2e-4, clip_cov_lb 1.0, clip_cov_ub 5.0, PPO eps 1.0, learning_rate 1e-6
+(verl recipe; 5e-7 for the original 7B), 256 prompts x 8 samples with 8 mini-batches per rollout, DAPO dynamic
+sampling, max response 8192 tokens, grad clip 1.0.
+"""
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 16
+    """prompts sampled per rollout"""
+    group_size: int = 8
+    """responses sampled per prompt (G)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant)"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch over a rollout; the Clip-Cov selection is made per mini-batch (paper recipe: 8)"""
+    num_epochs: int = 1
+    """passes over each rollout"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    clip_eps_low: float = 1.0
+    """PPO clip range below 1 (Clip-Cov keeps the PPO clamp only as a guard: 1.0, the paper's value)"""
+    clip_eps_high: float = 1.0
+    """PPO clip range above 1 (1.0, the paper's value)"""
+    clip_cov_ratio: float = 0.02
+    """share r of the mini-batch's valid tokens whose gradient is cut: k = max(int(r N), 1) (paper: 2e-4)"""
+    clip_cov_lb: float = 1.0
+    """lower bound w_low of the covariance of a candidate token, exclusive (paper: 1.0)"""
+    clip_cov_ub: float = 5.0
+    """upper bound w_high of the covariance of a candidate token, exclusive (paper: 5.0)"""
+    scale_rewards: bool = True
+    """divide group-centred rewards by the group std (--no-scale-rewards for Dr. GRPO)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """loss aggregation: token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses per rollout (prompts_per_step * group_size)"""
+    mini_batch_size: int = 0
+    """responses per optimizer step (batch_size // num_mini_batches)"""
+
+
+def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool, eps: float = 1e-6):
+    """Group-relative advantage per response. rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)).
+
+    Example: rewards [1, 0, 0, 0] in one group -> [1.5, -0.5, -0.5, -0.5] (unbiased std 0.5), or
+    [0.75, -0.25, -0.25, -0.25] without scaling."""
+    n_groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
+    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
+    centred = rewards - means[prompt_index]
+    sq = torch.zeros_like(means).index_add_(0, prompt_index, centred**2)
+    stds = (sq / (counts - 1).clamp(min=1)).sqrt()  # unbiased
+    advantages = centred / (stds[prompt_index] + eps) if scale_rewards else centred
+    return advantages, stds < 1e-8
+
+
+def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
+    clipped term is the active (larger) one."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def token_covariance(logp, advantages, mask):
+    """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
+    means are over valid tokens only and padding gets 0. Its mean over valid tokens is the batch covariance."""
+    logp, advantages = logp.detach(), advantages.detach()
+    centred_adv = advantages - common.masked_mean(advantages, mask)
+    centred_logp = logp - common.masked_mean(logp, mask)
+    return centred_adv * centred_logp * mask
+
+
+def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_high: float, generator=None):
+    """Tokens whose gradient Clip-Cov cuts: k = max(int(ratio * N), 1) drawn uniformly at random (not top-k) from the
+    candidates (valid, not PPO-clipped, cov_low < cov < cov_high), or all candidates when fewer. cov, mask,
+    ppo_clipped: (B, T). Returns (selected (B, T) bool, number of candidates)."""
+    valid = mask.bool()
+    candidates = valid & ~ppo_clipped & (cov > cov_low) & (cov < cov_high)
+    k = max(int(ratio * int(valid.sum())), 1)
+    candidate_positions = candidates.flatten().nonzero().squeeze(1)  # (n_candidates,)
+    draw = torch.randperm(len(candidate_positions), generator=generator)[:k].to(candidate_positions.device)
+    selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=cov.device)
+    selected[candidate_positions[draw]] = True
+    return selected.view_as(candidates), len(candidate_positions)
+
+
+def clip_cov_loss(logp, old_logp, advantages, selected, eps_low: float, eps_high: float):
+    """PPO token loss with the selected tokens' loss (and so their gradient) set to exactly 0. All (B, T).
+    Returns (loss, ratio, clipped) like ppo_clip_loss."""
+    loss, ratio, clipped = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high)
+    return torch.where(selected, torch.zeros_like(loss), loss), ratio, clipped
+
+
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
+    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
+    mini-batch loss exactly. Defaults: this batch is the whole step."""
+    total_tokens = mask.sum() if total_tokens is None else total_tokens
+    total_seqs = mask.shape[0] if total_seqs is None else total_seqs
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / total_tokens
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+    if mode == "seq-mean-token-sum-norm":
+        max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
+        return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+if __name__ == "__main__":
+    args = common.resume_config(tyro.cli(Args), Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    args.mini_batch_size = args.batch_size // args.num_mini_batches
+    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
+        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
+    if not 0 < args.clip_cov_ratio <= 1 or args.clip_cov_lb >= args.clip_cov_ub:
+        raise common.UserInputError("need 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: advantages
+        seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, args.scale_rewards)  # (B,), (n_groups,)
+        advantages = seq_advantages[:, None] * mask  # (B, T)
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                mb = order[mb_start : mb_start + args.mini_batch_size]
+                mb_tokens = mask[mb].sum()
+                # the selection sees the whole mini-batch: a no-grad pass of the current policy, in the micro-batches'
+                # chunks so that its log-probs equal the gradient pass's exactly
+                with torch.no_grad():
+                    mb_logp = common.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb], response_len,
+                                                       args.temperature, chunk_size=args.micro_batch_size).logp  # (b, T)
+                    _, _, mb_ppo_clipped = ppo_clip_loss(mb_logp, old_logp[mb], advantages[mb], args.clip_eps_low,
+                                                         args.clip_eps_high)
+                    mb_cov = token_covariance(mb_logp, advantages[mb], mask[mb])  # (b, T)
+                    selected, n_candidates = clip_cov_select(mb_cov, mask[mb], mb_ppo_clipped, args.clip_cov_ratio,
+                                                             args.clip_cov_lb, args.clip_cov_ub)  # (b, T)
+                    sums["candidates"] += n_candidates
+                    sums["selected"] += selected.sum().item()
+                    sums["selected_cov"] += mb_cov[selected].sum().item()
+                    sums["selected_entropy"] += entropy[mb][selected].sum().item()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                    args.temperature).logp  # (b, T)
+                    token_loss, ratio, clipped = clip_cov_loss(logp, old_logp[idx], advantages[idx],
+                                                               selected[micro_start : micro_start + args.micro_batch_size],
+                                                               args.clip_eps_low, args.clip_eps_high)
+                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = logp - old_logp[idx]
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
+                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
+                sums["optimizer_steps"] += 1
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        # ALGO LOGIC: Clip-Cov metrics (counts per optimizer step; means over the selected tokens when there are any)
+        metrics["losses/clip_cov_candidates"] = sums["candidates"] / sums["optimizer_steps"]
+        metrics["losses/clip_cov_selected"] = sums["selected"] / sums["optimizer_steps"]
+        if sums["selected"]:
+            metrics["losses/clip_cov_selected_cov"] = sums["selected_cov"] / sums["selected"]
+            metrics["losses/clip_cov_selected_entropy"] = sums["selected_entropy"] / sums["selected"]
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
+                                           "reward": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()

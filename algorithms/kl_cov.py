@@ -1,0 +1,362 @@
+# docs and experiment results can be found at README.md#kl-cov
+"""KL-Cov: policy gradient with a KL penalty on the tokens of highest covariance, to keep the entropy up.
+
+Paper: "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", Cui et al. 2025,
+arXiv:2505.22617 (section 5, KL-Cov; reference code PRIME-RL/Entropy-Mechanism-of-RL, verl `kl_cov`).
+
+Objective, for the N valid tokens i of one mini-batch (GRPO advantages A_i, d_i = logp_i - old_logp_i):
+    cov_i = (A_i - mean_m A) (logp_i - mean_m logp)                   (detached; the entropy change is ~ -Cov)
+    I_KL = the k tokens of largest cov_i,  k = max(int(ratio N), 1)
+    L_i = -A_i exp(d_i) + beta |d_i| [i in I_KL]                      (no ratio clipping at all)
+    loss = sum_i L_i / N
+
+Implementation details:
+1. Rewards, groups, advantages, mask, log-probs and aggregation are GRPO's (see grpo.py): std-normalised group
+   advantages broadcast to the valid tokens, old_logp frozen per rollout, token-mean by default, no KL to a reference.
+2. The penalty is zero when fully on-policy: on the first mini-batch of a rollout d = 0, and torch's gradient of |d|
+   at 0 is 0, so KL-Cov then is plain policy gradient. It acts only from the second optimizer step on a rollout, so
+   the default is num_mini_batches = 4 (the paper's recipe: 8 mini-batches per rollout); with one mini-batch and one
+   epoch the script says so and runs plain policy gradient. Four mini-batches at grpo.py's learning rate are four
+   times its optimizer steps per rollout, which lowers the entropy by itself: compare with grpo.py --num-mini-batches 4.
+3. Selection is over the whole mini-batch, as the spec asks (the authors select per GPU micro-batch, an
+   approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
+   over the mini-batch gives its detached logp; the covariance and the top-k set come from it, then the usual
+   micro-batched forward/backward applies the penalty. The extra pass costs one forward per mini-batch; memory stays
+   bounded by micro_batch_size. The pass runs in the same chunks as the gradient pass, so their log-probs are equal.
+4. The covariance uses masked means over the mini-batch's valid tokens only; padding is never selected. Top-k is
+   deterministic (torch.topk), with no covariance bounds.
+5. The KL estimate is the code's k1-abs |logp - old_logp|, with beta = 1 (set explicitly: one framework's config
+   default of 0.1 is wrong for this method). losses/clipfrac is 0 by construction (no clipping); losses/approx_kl is
+   the usual k3 over all tokens; losses/clip_cov_selected is the number of penalised tokens per optimizer step (a count;
+   the name is shared with clip_cov.py so both methods sit in one column); losses/kl_cov_penalty is the mean beta |d|
+   over them.
+6. losses/cov is the rollout-level covariance over old_logp, the same metric as every file; the per-token cov of the
+   selection is over the mini-batch and the current logp (identical on the first mini-batch of a rollout).
+
+Defaults are tuned for the embedded countdown benchmark (about 250 valid tokens per mini-batch of 32 responses). The
+paper's ratio 2e-3 gives k = max(int(0.5), 1) = 1 token per mini-batch here, which changes nothing measurable; tuned:
+ratio = 0.2 (k ~ 50 per mini-batch, a far larger share than the paper's), beta = 1 as the paper
+(benchmarks/results/clip_kl_cov.md lists what was tried).
+Paper/real-model defaults: kl_cov_ratio 2e-3 (7B) / 2e-4 (32B), kl_cov_coef 1.0, learning_rate 1e-6 (verl recipe;
+5e-7 for the original 7B), 256 prompts x 8 samples with 8 mini-batches per rollout, DAPO dynamic sampling, max
+response 8192 tokens, grad clip 1.0.
+"""
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 16
+    """prompts sampled per rollout"""
+    group_size: int = 8
+    """responses sampled per prompt (G)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant)"""
+    num_mini_batches: int = 4
+    """optimizer steps per epoch over a rollout; the KL-Cov penalty is zero on the first (on-policy) one (paper: 8)"""
+    num_epochs: int = 1
+    """passes over each rollout"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    kl_cov_ratio: float = 0.2
+    """share of the mini-batch's valid tokens that get the penalty: k = max(int(ratio N), 1) (paper: 2e-3 7B, 2e-4 32B)"""
+    kl_cov_coef: float = 1.0
+    """weight beta of the |logp - old_logp| penalty on the top-k covariance tokens (paper: 1.0)"""
+    scale_rewards: bool = True
+    """divide group-centred rewards by the group std (--no-scale-rewards for Dr. GRPO)"""
+    loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
+    """loss aggregation: token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses per rollout (prompts_per_step * group_size)"""
+    mini_batch_size: int = 0
+    """responses per optimizer step (batch_size // num_mini_batches)"""
+
+
+def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool, eps: float = 1e-6):
+    """Group-relative advantage per response. rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)).
+
+    Example: rewards [1, 0, 0, 0] in one group -> [1.5, -0.5, -0.5, -0.5] (unbiased std 0.5), or
+    [0.75, -0.25, -0.25, -0.25] without scaling."""
+    n_groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
+    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
+    centred = rewards - means[prompt_index]
+    sq = torch.zeros_like(means).index_add_(0, prompt_index, centred**2)
+    stds = (sq / (counts - 1).clamp(min=1)).sqrt()  # unbiased
+    advantages = centred / (stds[prompt_index] + eps) if scale_rewards else centred
+    return advantages, stds < 1e-8
+
+
+def token_covariance(logp, advantages, mask):
+    """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
+    means are over valid tokens only and padding gets 0. Its mean over valid tokens is the batch covariance."""
+    logp, advantages = logp.detach(), advantages.detach()
+    centred_adv = advantages - common.masked_mean(advantages, mask)
+    centred_logp = logp - common.masked_mean(logp, mask)
+    return centred_adv * centred_logp * mask
+
+
+def kl_cov_select(cov, mask, ratio: float):
+    """Tokens that get the KL-Cov penalty: the k = max(int(ratio * N), 1) valid tokens of largest cov (deterministic
+    top-k, no bounds), N = number of valid tokens. cov, mask: (B, T). Returns selected (B, T) bool."""
+    valid = mask.bool()
+    k = min(max(int(ratio * int(valid.sum())), 1), int(valid.sum()))
+    top = cov.masked_fill(~valid, float("-inf")).flatten().topk(k).indices  # (k,)
+    selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
+    selected[top] = True
+    return selected.view_as(cov)
+
+
+def kl_cov_loss(logp, old_logp, advantages, selected, beta: float):
+    """Unclipped policy-gradient token loss -A exp(d) plus beta |d| on the selected tokens, d = logp - old_logp. All
+    (B, T). Returns (loss, ratio, penalty); the penalty (beta |d| on selected tokens, else 0) is 0 with 0 gradient at
+    d = 0, i.e. on the on-policy first mini-batch."""
+    log_ratio = logp - old_logp
+    ratio = torch.exp(log_ratio)
+    penalty = beta * log_ratio.abs() * selected
+    return -advantages * ratio + penalty, ratio, penalty
+
+
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
+    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
+    mini-batch loss exactly. Defaults: this batch is the whole step."""
+    total_tokens = mask.sum() if total_tokens is None else total_tokens
+    total_seqs = mask.shape[0] if total_seqs is None else total_seqs
+    if mode == "token-mean":
+        return (token_loss * mask).sum() / total_tokens
+    if mode == "seq-mean-token-mean":
+        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+    if mode == "seq-mean-token-sum-norm":
+        max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
+        return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
+if __name__ == "__main__":
+    args = common.resume_config(tyro.cli(Args), Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    args.mini_batch_size = args.batch_size // args.num_mini_batches
+    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
+        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
+    if not 0 < args.kl_cov_ratio <= 1 or args.kl_cov_coef < 0:
+        raise common.UserInputError("need 0 < kl_cov_ratio <= 1 and kl_cov_coef >= 0")
+    if args.num_mini_batches * args.num_epochs == 1:
+        print("note: one optimizer step per rollout keeps the KL-Cov penalty at zero (plain policy gradient)")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: advantages
+        seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, args.scale_rewards)  # (B,), (n_groups,)
+        advantages = seq_advantages[:, None] * mask  # (B, T)
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                mb = order[mb_start : mb_start + args.mini_batch_size]
+                mb_tokens = mask[mb].sum()
+                # the selection sees the whole mini-batch: a no-grad pass of the current policy, in the micro-batches'
+                # chunks so that its log-probs equal the gradient pass's exactly
+                with torch.no_grad():
+                    mb_logp = common.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb], response_len,
+                                                       args.temperature, chunk_size=args.micro_batch_size).logp  # (b, T)
+                    mb_cov = token_covariance(mb_logp, advantages[mb], mask[mb])  # (b, T)
+                    selected = kl_cov_select(mb_cov, mask[mb], args.kl_cov_ratio)  # (b, T)
+                    sums["selected"] += selected.sum().item()
+                    sums["selected_cov"] += mb_cov[selected].sum().item()
+                    sums["selected_entropy"] += entropy[mb][selected].sum().item()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                    args.temperature).logp  # (b, T)
+                    token_loss, ratio, penalty = kl_cov_loss(logp, old_logp[idx], advantages[idx],
+                                                             selected[micro_start : micro_start + args.micro_batch_size],
+                                                             args.kl_cov_coef)
+                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = logp - old_logp[idx]
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
+                        sums["penalty"] += (penalty * mask[idx]).sum().item()  # no clipping: clipfrac stays 0
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
+                sums["optimizer_steps"] += 1
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        # ALGO LOGIC: KL-Cov metrics (count per optimizer step; means over the selected tokens)
+        metrics["losses/clip_cov_selected"] = sums["selected"] / sums["optimizer_steps"]
+        metrics["losses/clip_cov_selected_cov"] = sums["selected_cov"] / sums["selected"]
+        metrics["losses/clip_cov_selected_entropy"] = sums["selected_entropy"] / sums["selected"]
+        metrics["losses/kl_cov_penalty"] = sums["penalty"] / sums["selected"]
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
+                                           "reward": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()
