@@ -12,10 +12,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
 TINY_BUDGET = ["--num-steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
                "--eval-samples", "2", "--final-eval-samples", "4", "--log-completions-every", "1"]
-EXTRA_FLAGS = {}  # algorithm -> flags its tiny-budget run needs on top of TINY_BUDGET (e.g. a smaller set-up pass)
+EXTRA_FLAGS = {  # algorithm -> flags its tiny-budget run needs on top of TINY_BUDGET (e.g. a smaller set-up pass)
+    "dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "1"],
+}
 
 
-def run(args, cwd=REPO_ROOT, timeout=60):
+def run(args, cwd=REPO_ROOT, timeout=600):  # a hang guard, not a speed test
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 

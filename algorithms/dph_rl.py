@@ -1,0 +1,468 @@
+# docs and experiment results can be found at README.md#dph-rl
+"""DPH-RL: Diversity-Preserving Hybrid RL with mass-covering f-divergences (rehearsal of the base model's successes).
+
+Paper: "The Choice of Divergence: A Neglected Key to Mitigating Diversity Collapse in Reinforcement Learning with
+Verifiable Reward", Li et al. 2025, arXiv:2509.07430.
+Before training, the initial policy pi0 samples k responses per training prompt; prompts solved k/k form the rehearsal
+set D_pef (their correct responses y and token log-probs logp0 are stored), the rest the exploration set D_exp:
+    L = L_exp + eta L_pef,  L_exp = GRPO with clip-higher on D_exp prompts (no KL),
+    L_pef = token-mean over stored (x, y) of f(u_t),  u_t = exp(logp_theta(y_t) - logp0(y_t))   (log-ratio clamped to +-20)
+    f(u) = u log u - (u + 1) log((u + 1) / 2)   (js, DPH-JS)        f(u) = u - log u - 1   (forward-kl, KL(pi0 || pi))
+f(1) = f'(1) = 0: the rehearsal term is an f-divergence D_f(pi || pi0) estimated on pi0's own samples, so it needs no
+online reference model. Baseline --divergence reverse-kl: GRPO + eta k3 KL(pi || pi0) on the RL tokens, online reference.
+
+Implementation details:
+1. Pre-pass: the first --pool-prompts training prompts, presample_k samples each (the rollout temperature / top_p /
+   top_k, default 1.0 / 1.0 / off), progress printed. A prompt with >= rehearsal_threshold (default k) correct goes to
+   D_pef, every other prompt (all-wrong ones included) to D_exp; RL prompts are drawn only from D_exp. The paper
+   regenerates 16 samples per D_pef prompt and keeps the correct ones; we store the pre-pass's own correct samples
+   (k per D_pef prompt with the k/k rule), which are draws from the same pi0. The default pool of 2,000 prompts
+   (16k sequences, about 20 s on 2 cores) keeps the run within ~1.5x GRPO's time; with ~97% of it in D_exp, the
+   3,200 prompt draws of 200 steps pass over D_exp less than twice.
+2. Stored responses are re-padded to one layout (prompt left-padded to the longest, response to max_new_tokens) and
+   their logp0 computed once under no_grad in that layout, so u = 1 exactly before the first update.
+3. Every optimizer step adds one batch of rehearsal_batch_size stored responses, cycled in a seeded shuffled order
+   (no new samples: the 128 sampled responses per step are all RL data). L_exp and L_pef are each a token-mean over
+   their own tokens; logp0 is a constant, the gradient flows only through logp_theta.
+4. GRPO part as grpo.py: group std advantages by prompt index, PPO clip 0.2 / 0.28 (clip-higher), token-mean. The
+   authors' dual-clip (c = 3) is not used. An empty D_pef (tiny pools) trains on L_exp alone, with a warning.
+5. reverse-kl skips the pre-pass (no rehearsal set): RL prompts come from the whole training split and eta weighs the
+   k3 KL per token in the loss, as grpo.py --beta.
+6. losses/entropy, losses/cov, approx_kl, clipfrac are those of the RL batch (as in grpo.py).
+7. The checkpoint holds the rehearsal set (with its logp0), the exploration prompts and the rehearsal order, so
+   --resume skips the pre-pass (which needs the initial model) and continues exactly.
+
+Defaults are tuned for the embedded countdown benchmark (see benchmarks/results/dph_rl_rover.md). Paper/code
+defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl; k = 8 and the k/k threshold; clip 0.2 / 0.28; lr 1e-6;
+top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is the sampling distribution); all training prompts
+pre-sampled (--pool-prompts 10000 here).
+"""
+
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 16
+    """prompts sampled per rollout"""
+    group_size: int = 8
+    """responses sampled per prompt (G)"""
+    learning_rate: float = 1e-4
+    """AdamW learning rate (constant)"""
+    num_mini_batches: int = 1
+    """optimizer steps per epoch over a rollout"""
+    num_epochs: int = 1
+    """passes over each rollout"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    clip_eps_low: float = 0.2
+    """PPO clip range below 1"""
+    clip_eps_high: float = 0.28
+    """PPO clip range above 1 (clip-higher, as the paper)"""
+    divergence: Literal["js", "forward-kl", "reverse-kl"] = "js"
+    """js / forward-kl: rehearsal f-divergence on stored base-model successes; reverse-kl: k3 KL to an online reference"""
+    eta: float = 0.2
+    """weight of the divergence term (paper: 0.2 for js, 0.01-0.05 for forward-kl)"""
+    presample_k: int = 8
+    """responses sampled per pool prompt by the initial model before training"""
+    rehearsal_threshold: int = 8
+    """a pool prompt with at least this many of its presample_k responses correct joins the rehearsal set"""
+    pool_prompts: int = 2000
+    """training prompts pre-sampled and split (the rest are unused; the whole split is 10,000 for countdown)"""
+    rehearsal_batch_size: int = 32
+    """stored rehearsal responses per optimizer step"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses per rollout (prompts_per_step * group_size)"""
+    mini_batch_size: int = 0
+    """responses per optimizer step (batch_size // num_mini_batches)"""
+    rehearsal_prompts: int = 0
+    """size of D_pef (pool prompts solved by the initial model at least rehearsal_threshold times)"""
+    exploration_prompts: int = 0
+    """size of D_exp (the prompts RL samples from)"""
+
+
+def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool, eps: float = 1e-6):
+    """Group-relative advantage per response. rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)).
+
+    Example: rewards [1, 0, 0, 0] in one group -> [1.5, -0.5, -0.5, -0.5] (unbiased std 0.5), or
+    [0.75, -0.25, -0.25, -0.25] without scaling."""
+    n_groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
+    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
+    centred = rewards - means[prompt_index]
+    sq = torch.zeros_like(means).index_add_(0, prompt_index, centred**2)
+    stds = (sq / (counts - 1).clamp(min=1)).sqrt()  # unbiased
+    advantages = centred / (stds[prompt_index] + eps) if scale_rewards else centred
+    return advantages, stds < 1e-8
+
+
+def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
+    clipped term is the active (larger) one."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
+
+
+def k3_kl(logp, ref_logp):
+    """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref_logp - logp; >= 0, gradient through logp."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def f_divergence(log_ratio, divergence: str):
+    """Per-token generator f(u) at u = exp(log_ratio), log_ratio = logp - logp0 clamped to +-20. (B, T) -> (B, T).
+
+    js: u log u - (u + 1) log((u + 1) / 2); forward-kl: u - log u - 1. Both are >= 0 with f(1) = f'(1) = 0."""
+    log_ratio = log_ratio.clamp(-20.0, 20.0)
+    u = log_ratio.exp()
+    if divergence == "js":
+        log_half_u_plus_one = torch.nn.functional.softplus(log_ratio) - math.log(2.0)  # log((u + 1) / 2), stable
+        return u * log_ratio - (u + 1) * log_half_u_plus_one
+    if divergence == "forward-kl":
+        return u - log_ratio - 1
+    raise ValueError(f"no rehearsal generator for divergence {divergence!r}")
+
+
+def rehearsal_token_loss(logp, logp0, divergence: str):
+    """f(u_t) per stored rehearsal token and u_t, both (B, T). logp0 is the stored initial-model log-prob (a constant)."""
+    log_ratio = logp - logp0.detach()
+    return f_divergence(log_ratio, divergence), log_ratio.detach().clamp(-20.0, 20.0).exp()
+
+
+def split_pool(correct, prompt_index, n_prompts: int, threshold: int):
+    """correct, prompt_index: (N,), the pre-pass verdicts and the pool prompt each response answers. Returns
+    (n_prompts,) bool: True for the rehearsal set (at least `threshold` correct), False for the exploration set."""
+    n_correct = torch.zeros(n_prompts, dtype=torch.long).index_add_(0, prompt_index, correct.long())  # (n_prompts,)
+    return n_correct >= threshold
+
+
+@dataclass
+class RehearsalSet:
+    """Stored initial-model successes, padded to one layout. Response token t of row n is `input_ids[n, -T + t]`."""
+
+    input_ids: torch.Tensor  # (N, P + T) left-padded prompt, then the response right-padded to T = max_new_tokens
+    attention_mask: torch.Tensor  # (N, P + T)
+    mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
+    logp0: torch.Tensor  # (N, T) initial-model log-probs of the response tokens (temperature-scaled)
+
+
+def presample_pool(policy, tokenizer, task, items: list[dict], args) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+    """Sample presample_k responses per item with the initial policy, printing progress. Returns the verdicts (N,) bool,
+    the item index of each response (N,), and (item index, prompt ids, response ids) for every correct response."""
+    prompts_per_chunk = max(1, 1024 // args.presample_k)
+    correct, item_index, kept, start_time = [], [], [], time.time()
+    for start in range(0, len(items), prompts_per_chunk):
+        chunk = items[start : start + prompts_per_chunk]
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in chunk], args.presample_k, args.max_new_tokens,
+                            args.temperature, args.top_p, args.top_k)
+        for b, i in enumerate(ro.prompt_index.tolist()):
+            ok = task.verify(chunk[i], ro.texts[b])[0]
+            correct.append(ok)
+            item_index.append(start + i)
+            if ok:
+                prompt_ids = ro.input_ids[b, : ro.prompt_len][ro.attention_mask[b, : ro.prompt_len].bool()]
+                kept.append((start + i, prompt_ids, ro.response_ids[b][ro.response_mask[b].bool()]))
+        done = start + len(chunk)
+        if done == len(items) or (start // prompts_per_chunk) % 5 == 4:
+            print(f"pre-sampling with the initial model: {done}/{len(items)} prompts, "
+                  f"{sum(correct) / len(correct):.3f} correct, {time.time() - start_time:.0f} s", flush=True)
+    return torch.tensor(correct), torch.tensor(item_index), kept
+
+
+def build_rehearsal_set(policy, responses: list[tuple], pad_id: int, args, device) -> RehearsalSet:
+    """Pad (prompt ids, response ids) pairs to one layout and compute their initial-model log-probs once."""
+    max_prompt, T = max(len(p) for p, _ in responses), args.max_new_tokens
+    input_ids = torch.full((len(responses), max_prompt + T), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros_like(input_ids)
+    mask = torch.zeros(len(responses), T, device=device)
+    for n, (prompt_ids, response_ids) in enumerate(responses):
+        input_ids[n, max_prompt - len(prompt_ids) : max_prompt] = prompt_ids
+        input_ids[n, max_prompt : max_prompt + len(response_ids)] = response_ids
+        attention_mask[n, max_prompt - len(prompt_ids) :] = 1  # the response block is attended in full, as in rollout
+        mask[n, : len(response_ids)] = 1
+    with torch.no_grad():
+        logp0 = common.response_logprobs(policy, input_ids, attention_mask, T, args.temperature,
+                                         chunk_size=args.micro_batch_size).logp
+    return RehearsalSet(input_ids, attention_mask, mask, logp0 * mask)
+
+
+if __name__ == "__main__":
+    args = common.resume_config(tyro.cli(Args), Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    args.mini_batch_size = args.batch_size // args.num_mini_batches
+    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
+        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
+    if not (1 <= args.rehearsal_threshold <= args.presample_k) or args.pool_prompts < 1 or args.rehearsal_batch_size < 1:
+        raise common.UserInputError("need 1 <= rehearsal_threshold <= presample_k, pool_prompts >= 1, "
+                                    "rehearsal_batch_size >= 1")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    # ALGO LOGIC: split the pool with the initial model (js, forward-kl) or load the online reference (reverse-kl)
+    ref_model, rehearsal, rehearsal_order = None, None, None
+    if args.divergence == "reverse-kl":
+        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
+        ref_model.eval().requires_grad_(False)
+        args.exploration_prompts = len(train_items)
+    elif args.resume:  # the split, the stored successes and both data orders come from the checkpoint, not a new pre-pass
+        exploration_items = checkpoint["exploration_items"]
+        args.rehearsal_prompts, args.exploration_prompts = checkpoint["set_sizes"]
+        sampler = common.PromptSampler(exploration_items, args.prompts_per_step, args.seed)
+        sampler.load_state_dict(checkpoint["sampler"])
+        if checkpoint["rehearsal"] is not None:
+            rehearsal = RehearsalSet(**{k: v.to(device) for k, v in checkpoint["rehearsal"].items()})
+            rehearsal_order = common.PromptSampler(list(range(len(rehearsal.mask))), args.rehearsal_batch_size, args.seed)
+            rehearsal_order.load_state_dict(checkpoint["rehearsal_order"])
+    else:
+        pool = train_items[: args.pool_prompts]
+        correct, pool_index, correct_responses = presample_pool(policy, tokenizer, task, pool, args)  # (N,), (N,)
+        in_rehearsal = split_pool(correct, pool_index, len(pool), args.rehearsal_threshold)  # (n_pool,)
+        exploration_items = [item for item, keep in zip(pool, in_rehearsal.tolist()) if not keep]
+        if not exploration_items:
+            raise common.UserInputError("every pool prompt is in the rehearsal set: "
+                                        "raise --rehearsal-threshold or --pool-prompts")
+        rehearsal_responses = [(prompt, response) for i, prompt, response in correct_responses if in_rehearsal[i]]
+        if rehearsal_responses:
+            rehearsal = build_rehearsal_set(policy, rehearsal_responses, tokenizer.pad_token_id, args, device)
+            rehearsal_order = common.PromptSampler(list(range(len(rehearsal_responses))), args.rehearsal_batch_size, args.seed)
+        else:
+            print("warning: no pool prompt reached the rehearsal threshold; training on the exploration loss alone")
+        sampler = common.PromptSampler(exploration_items, args.prompts_per_step, args.seed)
+        args.rehearsal_prompts, args.exploration_prompts = int(in_rehearsal.sum()), len(exploration_items)
+        print(f"rehearsal set: {args.rehearsal_prompts} prompts, {len(rehearsal_responses)} responses; "
+              f"exploration set: {args.exploration_prompts} prompts")
+
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
+            # ALGO LOGIC: reference log-probs for the KL term
+            ref_logp = None
+            if ref_model is not None:
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                    args.temperature, chunk_size=args.micro_batch_size).logp
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: advantages
+        seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, scale_rewards=True)  # (B,), (n_groups,)
+        advantages = seq_advantages[:, None] * mask  # (B, T)
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                mb = order[mb_start : mb_start + args.mini_batch_size]
+                mb_tokens = mask[mb].sum()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                    args.temperature).logp  # (b, T)
+                    token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
+                                                               args.clip_eps_high)
+                    if ref_logp is not None:
+                        kl = k3_kl(logp, ref_logp[idx])
+                        token_loss = token_loss + args.eta * kl
+                        sums["kl"] += (kl.detach() * mask[idx]).sum().item()
+                    loss = (token_loss * mask[idx]).sum() / mb_tokens  # L_exp: token-mean over the mini-batch
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = logp - old_logp[idx]
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
+                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                if rehearsal is not None:  # eta * L_pef: token-mean over a batch of stored base-model successes
+                    rows = torch.tensor(rehearsal_order.next_batch(), device=device)
+                    rehearsal_tokens = rehearsal.mask[rows].sum()
+                    for micro_start in range(0, len(rows), args.micro_batch_size):
+                        idx = rows[micro_start : micro_start + args.micro_batch_size]
+                        logp = common.response_logprobs(policy, rehearsal.input_ids[idx], rehearsal.attention_mask[idx],
+                                                        args.max_new_tokens, args.temperature).logp  # (b, T)
+                        f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence)
+                        rehearsal_loss = (f_u * rehearsal.mask[idx]).sum() / rehearsal_tokens
+                        (args.eta * rehearsal_loss).backward()
+                        sums["rehearsal_loss"] += rehearsal_loss.item()
+                        sums["rehearsal_u"] += (u * rehearsal.mask[idx]).sum().item()
+                        sums["rehearsal_tokens"] += rehearsal.mask[idx].sum().item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
+                sums["optimizer_steps"] += 1
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        if ref_model is not None:
+            metrics["losses/kl"] = sums["kl"] / sums["tokens"]
+        # ALGO LOGIC: method metrics
+        metrics["charts/rehearsal_prompts"] = args.rehearsal_prompts
+        metrics["charts/exploration_prompts"] = args.exploration_prompts
+        if rehearsal is not None:
+            metrics["losses/rehearsal_loss"] = sums["rehearsal_loss"] / sums["optimizer_steps"]
+            metrics["losses/rehearsal_u_mean"] = sums["rehearsal_u"] / sums["rehearsal_tokens"]
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
+                                           "reward": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
+                                                          "exploration_items": sampler.items,
+                                                          "set_sizes": (args.rehearsal_prompts, args.exploration_prompts),
+                                                          "rehearsal": vars(rehearsal) if rehearsal else None,
+                                                          "rehearsal_order": rehearsal_order and rehearsal_order.state_dict()})
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()

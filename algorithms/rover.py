@@ -1,0 +1,309 @@
+# docs and experiment results can be found at README.md#rover
+"""ROVER: Random Policy Valuation, a minimalist RL for LLM reasoning.
+
+Paper: "Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards", He et al. 2025, arXiv:2509.24981.
+In the deterministic, tree-shaped MDP of RLVR (binary terminal reward), acting on the Q-values of the uniform random
+policy is optimal; ROVER parameterises Q by the policy's own log-probs and regresses it on the centred reward plus the
+uniform-policy value of the next state. For response i of group g and its valid tokens t:
+    Q_t = rho (logp_t - old_logp_t),          M(s) = mean_v log_softmax(z(s)/tau)_v = mean(z/tau) - logsumexp(z/tau)
+    Qbar_{t+1} = rho (M_theta(s_{t+1}) - M_old(s_{t+1})),  0 after the last valid token
+    target_t = sg[ r_i - mean_g r + beta Qbar_{t+1} ],      loss = token-mean_t (Q_t - target_t)^2
+
+Implementation details:
+1. Rewards are 1/0 from the task's verifier, centred within the group (prompt index, never position), no std
+   (the paper and its countdown code); --std-norm divides by the unbiased group std + 1e-6 (the released math recipe).
+   The centred reward is broadcast to every valid token, not only the last one.
+2. M_old is a (B, T) tensor from the same no-grad pass as old_logp (common.response_logprobs(with_vocab_mean=True),
+   full vocabulary, fp32, chunked over rows); M_theta comes from the training forward. M at position t is the state
+   before response token t, so the next state of token t is position t + 1; the last valid token (EOS or the
+   max_new_tokens-th token) is followed by a terminal state of value 0 (mask shifted by one).
+3. The whole target is stop-gradient (M is detached by construction, r is a constant); gradients flow only through
+   logp in Q. No reference model, critic, ratio clipping or KL: losses/clipfrac is logged as 0 for uniform tables.
+4. Several optimizer steps per rollout (num_mini_batches 4, as the paper's 128-prompt batch / 32-prompt mini-batch).
+   On the first mini-batch theta = old, so Q = Qbar = 0 and the gradient is -2 rho r~ grad logp: plain REINFORCE
+   on the centred reward (tested). Later mini-batches see Q != 0 and a drifting target, as intended.
+5. losses/cov uses the centred reward broadcast to tokens (the first-mini-batch advantage). The vocabulary mean uses
+   the model's full (padded) vocabulary, as the authors' code.
+6. Gradient clipping at max_grad_norm; AdamW with constant learning rate, no weight decay; token-mean aggregation over
+   the whole mini-batch (micro-batches only bound memory).
+
+Defaults are tuned for the embedded countdown benchmark (see benchmarks/results/dph_rl_rover.md): learning_rate 2.5e-5,
+i.e. GRPO's 1e-4 per rollout spread over the 4 mini-batches (1e-4 per mini-batch sharpened the policy more than GRPO:
+pass@64 0.893 vs GRPO's 0.924). Paper defaults:
+rho 1, beta 1 (0.2-1 stable, 0 collapses entropy and length), group_size 8 (5 on countdown), lr 1e-6, 128 prompts per
+batch in 4 mini-batches, temperature 1.0 (0.6 for math), rewards r - mean_g r (countdown) / --std-norm (math script).
+"""
+
+import os
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+import common  # noqa: E402
+
+
+@dataclass
+class Args:
+    # Experiment
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (data order, sampling, initialisation of everything random)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when available"""
+    track: bool = False
+    """if toggled, log to Weights & Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "rlvr-clean"
+    """the W&B project name"""
+    wandb_entity: str | None = None
+    """the W&B entity (team)"""
+    output_dir: str = "runs"
+    """every run writes to `<output_dir>/<run_name>/`"""
+    save_model: bool = False
+    """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    log_completions_every: int = 50
+    """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
+    checkpoint_every: int = 50
+    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    resume: str = ""
+    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+
+    # Model & data
+    model_name: str = common.EMBEDDED_MODEL
+    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    task: str = "countdown"
+    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    dataset: str = ""
+    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    max_new_tokens: int = 32
+    """maximum response length in tokens"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    top_p: float = 1.0
+    """nucleus sampling threshold (1.0 = off)"""
+    top_k: int = 0
+    """top-k sampling (0 = off)"""
+    eval_every: int = 50
+    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    eval_prompts: int = 512
+    """number of test prompts to evaluate on"""
+    eval_samples: int = 8
+    """samples per test prompt for mean@n and pass@k during training"""
+    final_eval_samples: int = 64
+    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Algorithm specific
+    num_steps: int = 200
+    """number of rollouts (training steps)"""
+    prompts_per_step: int = 16
+    """prompts sampled per rollout"""
+    group_size: int = 8
+    """responses sampled per prompt (G)"""
+    learning_rate: float = 2.5e-5
+    """AdamW learning rate (constant); tuned: GRPO's 1e-4 per rollout spread over 4 mini-batches (paper: 1e-6)"""
+    num_mini_batches: int = 4
+    """optimizer steps per epoch over a rollout (paper: 4; with 1 the update is plain REINFORCE on the centred reward)"""
+    num_epochs: int = 1
+    """passes over each rollout"""
+    micro_batch_size: int = 64
+    """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
+    rho: float = 1.0
+    """temperature rho of the Q parameterisation Q = rho (logp - old_logp) (paper: 1; 0.01 and 4 were worse)"""
+    beta: float = 1.0
+    """weight of the next state's uniform-policy value in the target (paper: 1; 0.2-1 stable, 0 collapses entropy)"""
+    std_norm: bool = False
+    """divide the group-centred reward by the group std (the released math recipe; the paper centres only)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping threshold"""
+
+    # to be filled in runtime
+    batch_size: int = 0
+    """responses per rollout (prompts_per_step * group_size)"""
+    mini_batch_size: int = 0
+    """responses per optimizer step (batch_size // num_mini_batches)"""
+
+
+def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool, eps: float = 1e-6):
+    """Group-relative advantage per response. rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)).
+
+    Example: rewards [1, 0, 0, 0] in one group -> [1.5, -0.5, -0.5, -0.5] (unbiased std 0.5), or
+    [0.75, -0.25, -0.25, -0.25] without scaling."""
+    n_groups = int(prompt_index.max()) + 1
+    counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
+    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
+    centred = rewards - means[prompt_index]
+    sq = torch.zeros_like(means).index_add_(0, prompt_index, centred**2)
+    stds = (sq / (counts - 1).clamp(min=1)).sqrt()  # unbiased
+    advantages = centred / (stds[prompt_index] + eps) if scale_rewards else centred
+    return advantages, stds < 1e-8
+
+
+def next_state_value(vocab_mean, old_vocab_mean, mask, rho: float):
+    """Uniform-policy value of the state after each response token, Qbar_{t+1} = rho (M_theta - M_old)(s_{t+1}).
+    All (B, T); M at position t is the state before token t. The state after the last valid token is terminal: 0."""
+    value = rho * (vocab_mean - old_vocab_mean) * mask  # (B, T), value of the state before token t
+    return torch.cat([value[:, 1:], torch.zeros_like(value[:, :1])], dim=1)  # (B, T), shifted to the next state
+
+
+def rover_loss(logp, old_logp, vocab_mean, old_vocab_mean, centred_rewards, mask, rho: float, beta: float):
+    """Per-token squared error (Q_t - sg[r~ + beta Qbar_{t+1}])^2. logp etc. (B, T), centred_rewards (B,).
+    Returns (loss, q, next_value), each (B, T); only q carries gradient (through logp)."""
+    q = rho * (logp - old_logp)  # (B, T)
+    next_value = next_state_value(vocab_mean, old_vocab_mean, mask, rho)  # (B, T)
+    target = (centred_rewards[:, None] + beta * next_value).detach()  # (B, T), stop-gradient
+    return (q - target) ** 2, q, next_value
+
+
+if __name__ == "__main__":
+    args = common.resume_config(tyro.cli(Args), Args)
+    args.batch_size = args.prompts_per_step * args.group_size
+    args.mini_batch_size = args.batch_size // args.num_mini_batches
+    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
+        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
+    run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
+
+    # TRY NOT TO MODIFY: seeding
+    common.seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    # TRY NOT TO MODIFY: model, data, logging
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    task = common.get_task(args.task, args.dataset, tokenizer)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
+    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
+    guard = common.NonFiniteGuard()
+    start_step = 1
+    if args.resume:
+        checkpoint = common.load_checkpoint(args.resume)
+        policy.load_state_dict(checkpoint["policy"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        sampler.load_state_dict(checkpoint["sampler"])
+        guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
+    logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    print(f"run folder: {logger.run_dir}")
+
+    if start_step == 1:
+        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        logger.log(0, metrics)
+        print(common.summary_line(0, args.num_steps, metrics), flush=True)
+    for step in range(start_step, args.num_steps + 1):
+        step_start = time.time()
+
+        # TRY NOT TO MODIFY: rollout and rewards
+        items = sampler.next_batch()
+        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
+        mask = ro.response_mask.float()  # (B, T)
+        response_len = ro.response_ids.shape[1]
+        time_generate = time.time() - step_start
+
+        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        logprob_start = time.time()
+        with torch.no_grad():
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
+                                           with_entropy=True, with_vocab_mean=True, chunk_size=args.micro_batch_size)
+            old_logp, entropy = old.logp, old.entropy  # (B, T) each
+            # ALGO LOGIC: the sampling policy's vocabulary mean M_old, from the same pass as old_logp
+            old_vocab_mean = old.vocab_mean  # (B, T)
+        time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: group-centred rewards (r - mean_g r, or divided by the group std with --std-norm)
+        centred_rewards, zero_std = grpo_advantages(rewards, ro.prompt_index, args.std_norm)  # (B,), (n_groups,)
+        advantages = centred_rewards[:, None] * mask  # (B, T), the first mini-batch's REINFORCE weight (for losses/cov)
+
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        train_start = time.time()
+        sums = defaultdict(float)
+        policy.train()
+        for epoch in range(args.num_epochs):
+            order = torch.randperm(args.batch_size, device=device)
+            for mb_start in range(0, args.batch_size, args.mini_batch_size):
+                mb = order[mb_start : mb_start + args.mini_batch_size]
+                mb_tokens = mask[mb].sum()
+                optimizer.zero_grad()
+                for micro_start in range(0, len(mb), args.micro_batch_size):
+                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                    current = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                       args.temperature, with_vocab_mean=True)
+                    token_loss, q, next_value = rover_loss(current.logp, old_logp[idx], current.vocab_mean,
+                                                           old_vocab_mean[idx], centred_rewards[idx], mask[idx],
+                                                           args.rho, args.beta)  # (b, T) each
+                    loss = (token_loss * mask[idx]).sum() / mb_tokens  # token-mean over the whole mini-batch
+                    loss.backward()
+                    with torch.no_grad():
+                        log_ratio = current.logp - old_logp[idx]
+                        sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mask[idx]).sum().item()
+                        sums["q"] += (q * mask[idx]).sum().item()
+                        sums["next_value"] += (next_value * mask[idx]).sum().item()
+                        sums["tokens"] += mask[idx].sum().item()
+                        sums["policy_loss"] += loss.item()
+                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
+                    optimizer.step()
+                    sums["grad_norm"] += grad_norm.item()
+                    sums["applied_steps"] += 1
+                sums["optimizer_steps"] += 1
+        time_train = time.time() - train_start
+
+        # TRY NOT TO MODIFY: logging
+        with torch.no_grad():
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+        time_step = time.time() - step_start
+        metrics = {
+            "charts/reward_mean": rewards.mean().item(),
+            "charts/accuracy": rewards.mean().item(),
+            "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
+            "charts/response_length_mean": mask.sum(-1).mean().item(),
+            "charts/truncated_frac": ro.truncated.float().mean().item(),
+            "charts/frac_zero_std_groups": zero_std.float().mean().item(),
+            "charts/learning_rate": optimizer.param_groups[0]["lr"],
+            "charts/tokens_per_sec": mask.sum().item() / time_step,
+            "charts/skipped_steps": guard.skipped,
+            "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
+            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/cov": cov,
+            "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
+            "losses/clipfrac": sums["clipfrac"] / sums["tokens"],
+            "losses/grad_norm": sums["grad_norm"] / max(1, sums["applied_steps"]),
+            "time/generate": time_generate,
+            "time/logprobs": time_logprobs,
+            "time/train": time_train,
+            "time/step": time_step,
+        }
+        # ALGO LOGIC: method metrics (ROVER has no clipping: losses/clipfrac above stays 0)
+        metrics["losses/q_loss"] = metrics["losses/policy_loss"]
+        metrics["losses/q_mean"] = sums["q"] / sums["tokens"]
+        metrics["losses/next_value_mean"] = sums["next_value"] / sums["tokens"]
+        if step % args.eval_every == 0 and step != args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+        if step == args.num_steps:
+            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+        logger.log(step, metrics)
+        print(common.summary_line(step, args.num_steps, metrics), flush=True)
+        if args.log_completions_every and step % args.log_completions_every == 0:
+            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
+                                           "reward": rewards[b].item()}
+                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+        if args.checkpoint_every and step % args.checkpoint_every == 0:
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
+
+    if args.save_model:
+        policy.save_pretrained(logger.run_dir / "model")
+        tokenizer.save_pretrained(logger.run_dir / "model")
+        print(f"model saved to {logger.run_dir / 'model'}")
+    logger.close()

@@ -1,0 +1,108 @@
+"""DPH-RL math on hand-made tensors (values worked out by hand in the comments) and the rehearsal-set invariants."""
+
+import math
+
+import pytest
+import torch
+from conftest import load_algorithm
+
+import common
+
+dph = load_algorithm("dph_rl")
+
+GENERATORS = ["js", "forward-kl"]
+
+
+@pytest.mark.parametrize("divergence", GENERATORS)
+def test_generator_is_zero_with_zero_slope_at_one(divergence):
+    # u = exp(log_ratio); d f / d log_ratio = u f'(u), so a zero slope at log_ratio 0 is f'(1) = 0
+    log_ratio = torch.zeros(1, requires_grad=True)
+    value = dph.f_divergence(log_ratio, divergence)
+    value.sum().backward()
+    assert value.item() == 0.0 and log_ratio.grad.item() == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("divergence,at_half,at_two", [
+    # forward-kl u - log u - 1: f(0.5) = 0.5 + log 2 - 1 = 0.19315; f(2) = 2 - log 2 - 1 = 0.30685
+    ("forward-kl", math.log(2) - 0.5, 1 - math.log(2)),
+    # js u log u - (u + 1) log((u + 1) / 2): f(0.5) = 0.5 log 0.5 - 1.5 log 0.75 = -0.34657 + 0.43152 = 0.08495;
+    # f(2) = 2 log 2 - 3 log 1.5 = 1.38629 - 1.21640 = 0.16990
+    ("js", 0.5 * math.log(0.5) - 1.5 * math.log(0.75), 2 * math.log(2) - 3 * math.log(1.5)),
+])
+def test_generator_values_by_hand(divergence, at_half, at_two):
+    values = dph.f_divergence(torch.log(torch.tensor([0.5, 2.0], dtype=torch.float64)), divergence)
+    torch.testing.assert_close(values, torch.tensor([at_half, at_two], dtype=torch.float64))
+
+
+def test_js_generator_is_symmetric_and_forward_kl_is_not():
+    # JS is a symmetric divergence: its generator satisfies u f(1/u) = f(u), here 2 f(0.5) = f(2) = 0.16990
+    u = torch.tensor([0.1, 0.5, 3.0, 7.0], dtype=torch.float64)
+    js = dph.f_divergence(u.log(), "js")
+    torch.testing.assert_close(u * dph.f_divergence(-u.log(), "js"), js)
+    forward = dph.f_divergence(u.log(), "forward-kl")
+    assert not torch.allclose(u * dph.f_divergence(-u.log(), "forward-kl"), forward)
+    assert (js > 0).all() and (forward > 0).all()
+
+
+@pytest.mark.parametrize("divergence", GENERATORS)
+def test_log_ratio_is_clamped_to_twenty(divergence):
+    values = dph.f_divergence(torch.tensor([100.0, -100.0]), divergence)
+    torch.testing.assert_close(values, dph.f_divergence(torch.tensor([20.0, -20.0]), divergence))
+    assert torch.isfinite(values).all()
+
+
+def test_reverse_kl_has_no_rehearsal_generator():
+    with pytest.raises(ValueError, match="reverse-kl"):
+        dph.f_divergence(torch.zeros(1), "reverse-kl")
+
+
+def test_split_on_a_table_of_presample_results():
+    # 4 prompts x k = 4 verdicts, interleaved (response n answers prompt n % 4): 4/4, 3/4, 0/4, 4/4 correct
+    table = torch.tensor([[1, 1, 1, 1], [1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # (prompt, sample)
+    correct, prompt_index = table.T.reshape(-1), torch.arange(4).repeat(4)
+    assert dph.split_pool(correct, prompt_index, 4, threshold=4).tolist() == [True, False, False, True]  # k/k: the paper
+    assert dph.split_pool(correct, prompt_index, 4, threshold=3).tolist() == [True, True, False, True]  # a looser one
+    # a prompt with no responses at all (never sampled) stays in the exploration set
+    assert dph.split_pool(correct, prompt_index, 5, threshold=1).tolist() == [True, True, False, True, False]
+
+
+@pytest.mark.parametrize("divergence,slopes", [
+    # d f(u)/d logp = u f'(u). forward-kl: u - 1 -> [1, -0.5]; js: u log(2u / (u + 1)) -> [2 log(4/3), 0.5 log(2/3)]
+    ("forward-kl", [1.0, -0.5]),
+    ("js", [2 * math.log(4 / 3), 0.5 * math.log(2 / 3)]),
+])
+def test_rehearsal_gradient_flows_only_through_the_current_logprobs(divergence, slopes):
+    logp0 = torch.log(torch.tensor([[0.2, 0.4]], dtype=torch.float64)).requires_grad_()
+    logp = torch.log(torch.tensor([[0.4, 0.2]], dtype=torch.float64)).requires_grad_()  # u = [2, 0.5]
+    f_u, u = dph.rehearsal_token_loss(logp, logp0, divergence)
+    torch.testing.assert_close(u, torch.tensor([[2.0, 0.5]], dtype=torch.float64))
+    f_u.sum().backward()
+    assert logp0.grad is None and not u.requires_grad
+    torch.testing.assert_close(logp.grad, torch.tensor([slopes], dtype=torch.float64))
+
+
+def test_rehearsal_set_layout_keeps_the_initial_logprobs(random_model):
+    # two stored successes with different prompt and response lengths, re-padded to one layout: the stored logp0 must
+    # equal the log-probs of each pair scored alone (no padding), so u = 1 before the first update
+    model, tokenizer = random_model
+    pairs = [(tokenizer("3 5 7>22:", add_special_tokens=False, return_tensors="pt").input_ids[0],
+              tokenizer("3*5+7", add_special_tokens=False, return_tensors="pt").input_ids[0]),
+             (tokenizer("17 13 5>6:", add_special_tokens=False, return_tensors="pt").input_ids[0],
+              tokenizer("(13+17)/5", add_special_tokens=False, return_tensors="pt").input_ids[0])]
+    pairs = [(prompt, torch.cat([response, torch.tensor([tokenizer.eos_token_id])])) for prompt, response in pairs]
+
+    class Args:
+        max_new_tokens, temperature, micro_batch_size = 12, 1.0, 1
+
+    stored = dph.build_rehearsal_set(model, pairs, tokenizer.pad_token_id, Args, "cpu")
+    assert stored.mask.sum(-1).tolist() == [6, 10] and stored.input_ids.shape == (2, 10 + 12)
+    for n, (prompt, response) in enumerate(pairs):
+        ids = torch.cat([prompt, response])[None]
+        with torch.no_grad():
+            alone = common.response_logprobs(model, ids, torch.ones_like(ids), len(response)).logp[0]
+        torch.testing.assert_close(stored.logp0[n, : len(response)], alone, atol=1e-5, rtol=0)
+        assert (stored.logp0[n, len(response):] == 0).all()
+    with torch.no_grad():
+        logp = common.response_logprobs(model, stored.input_ids, stored.attention_mask, 12).logp
+    _, u = dph.rehearsal_token_loss(logp, stored.logp0, "js")
+    torch.testing.assert_close(u[stored.mask.bool()], torch.ones(16), atol=1e-5, rtol=0)
