@@ -4,15 +4,11 @@ paths the default smoke run does not reach (skipped steps, --prm-update before, 
 import copy
 import json
 import math
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
 from conftest import load_algorithm
-from test_smoke import REPO_ROOT, TINY_BUDGET, run
+from test_smoke import TINY_BUDGET, run
 
 import common
 
@@ -187,28 +183,3 @@ def test_bad_input_gives_one_line_error(flags, tmp_path):
     result = run(["algorithms/prime.py", *flags, "--output-dir", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: need")
-
-
-def test_killed_and_resumed_run_matches_an_uninterrupted_one(tmp_path):
-    # bounds [0, 1] train the PRM at every step, so a checkpoint without the PRM or its optimizer would show in the metrics
-    flags = [*TINY_BUDGET, "--num-steps", "6", "--eval-every", "3", "--checkpoint-every", "2", "--log-completions-every", "0",
-             "--acc-low", "0", "--acc-high", "1"]
-    assert run(["algorithms/prime.py", *flags, "--output-dir", str(tmp_path / "full")]).returncode == 0
-    victim = subprocess.Popen([sys.executable, "algorithms/prime.py", *flags, "--output-dir", str(tmp_path / "killed")],
-                              cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and victim.poll() is None and not list((tmp_path / "killed").glob("*/checkpoint.pt")):
-        time.sleep(0.05)
-    assert victim.poll() is None, "the run finished before it could be killed"
-    victim.send_signal(signal.SIGKILL)
-    victim.wait()
-    (killed_dir,) = (tmp_path / "killed").iterdir()
-    assert run(["algorithms/prime.py", "--resume", str(killed_dir)]).returncode == 0
-
-    def records(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in row.items() if not k.startswith(("time/", "charts/tokens_per_sec"))} for row in rows]
-
-    (full_dir,) = (tmp_path / "full").iterdir()
-    assert [r["step"] for r in records(killed_dir)] == list(range(7))
-    assert records(killed_dir) == records(full_dir)

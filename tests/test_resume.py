@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESUMABLE = ["grpo"]
-FLAGS = ["--num-steps", "6", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8", "--eval-samples",
+ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
+EXTRA_FLAGS = {  # flags that make a short run exercise the method's own checkpointed state
+    "prime": ["--acc-low", "0", "--acc-high", "1"],  # the PRM trains at every step: its weights and optimizer matter
+    "dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "1"],  # a non-empty rehearsal set
+}
+NUM_STEPS = 10
+FLAGS = ["--num-steps", str(NUM_STEPS), "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8", "--eval-samples",
          "2", "--final-eval-samples", "4", "--eval-every", "3", "--checkpoint-every", "2", "--log-completions-every", "0"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TIMING = ("time/", "charts/tokens_per_sec")
@@ -23,12 +28,12 @@ def records(run_dir: Path) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
 
 
-def start(name, out, *extra):
-    return subprocess.Popen([sys.executable, f"algorithms/{name}.py", *FLAGS, "--output-dir", str(out), *extra],
-                            cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start(name, out):
+    argv = [sys.executable, f"algorithms/{name}.py", *FLAGS, *EXTRA_FLAGS.get(name, []), "--output-dir", str(out)]
+    return subprocess.Popen(argv, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("name", RESUMABLE)
+@pytest.mark.parametrize("name", ALGORITHMS)
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path):
     full = start(name, tmp_path / "full")
     assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
@@ -41,11 +46,10 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path):
             break
         time.sleep(0.05)
     assert victim.poll() is None, "the run finished before it could be killed"
-    time.sleep(0.3)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     (run_dir,) = (tmp_path / "killed").iterdir()
-    assert records(run_dir)[-1]["step"] < 6
+    assert records(run_dir)[-1]["step"] < NUM_STEPS
 
     resumed = subprocess.run([sys.executable, f"algorithms/{name}.py", "--resume", str(run_dir)], cwd=REPO_ROOT, env=ENV,
                              capture_output=True, text=True, timeout=600)
