@@ -134,6 +134,18 @@ def plot_all(groups: dict[str, list[dict]], dest: Path) -> list[tuple[str, str]]
 
     made = []
 
+    def finish(fig, ax, xlabel: str, ylabel: str, title: str, file_name: str, legend_size: int = 8):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=legend_size)
+        fig.tight_layout()
+        fig.savefig(dest / file_name, dpi=110)
+        plt.close(fig)
+        made.append((title, file_name))
+
     def curve(key: str, title: str, file_name: str, from_evals: bool = False, smooth: int = 10):
         fig, ax = plt.subplots(figsize=(6, 4))
         for algo, runs in groups.items():
@@ -148,16 +160,7 @@ def plot_all(groups: dict[str, list[dict]], dest: Path) -> list[tuple[str, str]]
             if not from_evals and smooth > 1:
                 means = [statistics.mean(means[max(0, i - smooth + 1): i + 1]) for i in range(len(means))]
             ax.plot(steps, means, label=algo, marker="o" if from_evals else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel(key)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(dest / file_name, dpi=110)
-        plt.close(fig)
-        made.append((title, file_name))
+        finish(fig, ax, "step", key, title, file_name)
 
     curve("eval/mean@n", "test accuracy (mean@n) vs step", "accuracy.png", from_evals=True)
     curve("losses/entropy", "token entropy vs step (10-step moving mean)", "entropy.png")
@@ -176,15 +179,7 @@ def plot_all(groups: dict[str, list[dict]], dest: Path) -> list[tuple[str, str]]
         final = pass_at_k_curve(done, -1)
         ax.errorbar(list(final), [m for m, _ in final.values()], yerr=[s for _, s in final.values()], label=algo, capsize=2)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k")
-    ax.set_ylabel("pass@k (test)")
-    ax.set_title("pass@k vs k after training")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(dest / "pass_at_k.png", dpi=110)
-    plt.close(fig)
-    made.append(("pass@k vs k after training", "pass_at_k.png"))
+    finish(fig, ax, "k", "pass@k (test)", "pass@k vs k after training", "pass_at_k.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for algo, runs in groups.items():
@@ -196,15 +191,8 @@ def plot_all(groups: dict[str, list[dict]], dest: Path) -> list[tuple[str, str]]
         grid = [min(entropy) + i * (max(entropy) - min(entropy)) / 50 for i in range(51)]
         ax.plot(grid, [-a * math.exp(h) + b for h in grid], color=dots.get_facecolor()[0][:3],
                 label=f"{algo}: R = -{a:.2f} e^H + {b:.2f}")
-    ax.set_xlabel("token entropy H")
-    ax.set_ylabel("training accuracy R")
-    ax.set_title("accuracy vs entropy, fitted R = -a exp(H) + b")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(dest / "accuracy_vs_entropy.png", dpi=110)
-    plt.close(fig)
-    made.append(("accuracy vs entropy with the fitted law", "accuracy_vs_entropy.png"))
+    finish(fig, ax, "token entropy H", "training accuracy R", "accuracy vs entropy with the fitted law R = -a exp(H) + b",
+           "accuracy_vs_entropy.png", legend_size=7)
     return made
 
 

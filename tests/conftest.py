@@ -46,3 +46,10 @@ def random_model(embedded):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def sample_batch(model, tokenizer):
+    """A seeded rollout of 2 prompts x 4 responses: (rollout, response mask as float (8, T), T)."""
+    torch.manual_seed(0)
+    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
+    return ro, ro.response_mask.float(), ro.response_ids.shape[1]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_algorithm
+from conftest import REPO_ROOT, load_algorithm, sample_batch
 
 import common
 
@@ -91,9 +91,7 @@ def test_no_candidates_selects_nothing():
 
 def test_selected_tokens_have_exactly_zero_gradient_in_a_model(random_model):
     model, tokenizer = random_model
-    torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
-    mask, T = ro.response_mask.float(), ro.response_ids.shape[1]
+    ro, mask, T = sample_batch(model, tokenizer)
     adv, _ = clip_cov.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, True)
     advantages = adv[:, None] * mask
     with torch.no_grad():
@@ -116,9 +114,8 @@ def test_no_grad_selection_pass_equals_gradient_pass(random_model):
     # the script selects from a no-grad pass over the mini-batch in micro-batch chunks, then recomputes each micro-batch
     # with grad: the two must see identical log-probs, or PPO-clipped tokens could slip into the selection
     model, tokenizer = random_model
-    torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
-    T, micro = ro.response_ids.shape[1], 3
+    ro, _, T = sample_batch(model, tokenizer)
+    micro = 3
     with torch.no_grad():
         whole = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, chunk_size=micro).logp
     for start in range(0, 8, micro):

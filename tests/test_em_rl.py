@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_algorithm
+from conftest import REPO_ROOT, load_algorithm, sample_batch
 from safetensors.torch import load_file
 
 import common
@@ -88,15 +88,9 @@ def test_sequence_reward_is_the_mean_log_prob_of_the_sampled_tokens():
     torch.testing.assert_close(rewards, torch.tensor([-3 * math.log(2) / 2, -4 * math.log(2) / 3]))
 
 
-def _rollout(model, tokenizer):
-    torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
-    return ro, ro.response_mask.float(), ro.response_ids.shape[1]
-
-
 def test_em_rl_update_raises_the_likelihood_of_the_more_certain_responses(random_model):
     model, tokenizer = random_model
-    ro, mask, T = _rollout(model, tokenizer)
+    ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
         old = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True)
     rewards = em_rl.self_certainty_rewards(old.logp, old.entropy, mask, "sequence", "mean")
@@ -117,7 +111,7 @@ def test_em_rl_update_raises_the_likelihood_of_the_more_certain_responses(random
 
 def test_em_ft_step_lowers_the_entropy_along_the_sampled_responses(random_model):
     model, tokenizer = random_model
-    ro, mask, T = _rollout(model, tokenizer)
+    ro, mask, T = sample_batch(model, tokenizer)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True, entropy_grad=True)
     before = common.masked_mean(stats.entropy, mask)

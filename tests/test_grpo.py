@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm
+from conftest import load_algorithm, sample_batch
 
 import common
 
@@ -73,15 +73,9 @@ def test_ppo_clip_cases():
     assert clipped_high.tolist() == [False, True, False, False]
 
 
-def _rollout_batch(model, tokenizer):
-    torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
-    return ro, ro.response_mask.float(), ro.response_ids.shape[1]
-
-
 def test_first_on_policy_minibatch_has_ratio_one(random_model):
     model, tokenizer = random_model
-    ro, mask, T = _rollout_batch(model, tokenizer)
+    ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
         old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, chunk_size=3).logp
     logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
@@ -94,7 +88,7 @@ def test_first_on_policy_minibatch_has_ratio_one(random_model):
 
 def test_parameters_change_after_one_step(random_model):
     model, tokenizer = random_model
-    ro, mask, T = _rollout_batch(model, tokenizer)
+    ro, mask, T = sample_batch(model, tokenizer)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_algorithm
+from conftest import REPO_ROOT, load_algorithm, sample_batch
 
 import common
 
@@ -69,9 +69,7 @@ def test_perturbed_log_probs_add_beta_sign_d_on_exactly_the_top_k():
 
 def test_penalty_is_zero_on_the_first_and_non_zero_on_the_second_mini_batch(random_model):
     model, tokenizer = random_model
-    torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
-    mask, T = ro.response_mask.float(), ro.response_ids.shape[1]
+    ro, mask, T = sample_batch(model, tokenizer)
     adv, _ = kl_cov.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, True)
     advantages = adv[:, None] * mask
     with torch.no_grad():

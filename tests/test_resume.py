@@ -17,8 +17,9 @@ EXTRA_FLAGS = {  # flags that make a short run exercise the method's own checkpo
     "dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "1"],  # a non-empty rehearsal set
 }
 NUM_STEPS = 10
-FLAGS = ["--num-steps", str(NUM_STEPS), "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8", "--eval-samples",
-         "2", "--final-eval-samples", "4", "--eval-every", "3", "--checkpoint-every", "2", "--log-completions-every", "0"]
+FLAGS = ["--num-steps", str(NUM_STEPS), "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
+         "--eval-samples", "2", "--final-eval-samples", "4", "--eval-every", "3", "--checkpoint-every", "2",
+         "--log-completions-every", "0"]
 ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TIMING = ("time/", "charts/tokens_per_sec")
 

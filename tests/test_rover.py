@@ -1,22 +1,16 @@
 """ROVER math on hand-made tensors (values worked out by hand in the comments) and on-policy invariants."""
 
 import torch
-from conftest import load_algorithm
+from conftest import load_algorithm, sample_batch
 
 import common
 
 rover = load_algorithm("rover")
 
 
-def _rollout_batch(model, tokenizer):
-    torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
-    return ro, ro.response_mask.float(), ro.response_ids.shape[1]
-
-
 def test_vocabulary_mean_is_the_mean_log_softmax(random_model):
     model, tokenizer = random_model
-    ro, _, T = _rollout_batch(model, tokenizer)
+    ro, _, T = sample_batch(model, tokenizer)
     with torch.no_grad():
         stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, temperature=0.7,
                                           with_vocab_mean=True, chunk_size=3)
@@ -72,7 +66,7 @@ def _grads(model, loss):
 def test_on_policy_gradient_is_reinforce_on_the_centred_reward(random_model):
     # with theta = old: Q = 0 and Qbar = 0, so d/dtheta mean (Q - r~)^2 = -2 rho mean_t r~ grad logp_t
     model, tokenizer = random_model
-    ro, mask, T = _rollout_batch(model, tokenizer)
+    ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
         old = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_vocab_mean=True, chunk_size=3)
     centred, _ = rover.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, False)
