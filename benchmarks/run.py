@@ -126,6 +126,6 @@ if __name__ == "__main__":
     if args.report:
         dest = BENCHMARKS / "results" / (suite["name"] + ("-quick" if args.quick else ""))
         report_argv = [sys.executable, str(BENCHMARKS / "report.py"), "--runs", str(out), "--dest", str(dest),
-                       "--suite", suite["name"], "--failed", *failed]
+                       "--suite", suite["name"], "--algos", *suite["algorithms"], "--failed", *failed]
         sys.exit(subprocess.run(report_argv, cwd=REPO_ROOT).returncode or (1 if failed else 0))
     sys.exit(1 if failed else 0)
