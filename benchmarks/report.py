@@ -32,14 +32,19 @@ class Args:
     """the order of the algorithms in tables and legends (default: alphabetical)"""
 
 
+def read_run(run_dir: Path) -> dict:
+    """One run folder as {"config": dict, "records": [dict, ...]} (the lines of metrics.jsonl)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"config": json.loads((run_dir / "config.json").read_text()), "records": records}
+
+
 def load_runs(root: Path) -> dict[str, list[dict]]:
-    """{algorithm: [run, ...]} where run = {"config": dict, "records": [dict, ...]}; runs without records are skipped."""
+    """{algorithm: [run, ...]} from `root/<algorithm>/<run>/`; runs without records are skipped."""
     groups: dict[str, list[dict]] = {}
     for metrics_file in sorted(root.glob("*/*/metrics.jsonl")):
-        records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
-        if records:
-            config = json.loads((metrics_file.parent / "config.json").read_text())
-            groups.setdefault(metrics_file.parent.parent.name, []).append({"config": config, "records": records})
+        run = read_run(metrics_file.parent)
+        if run["records"]:
+            groups.setdefault(metrics_file.parent.parent.name, []).append(run)
     return groups
 
 

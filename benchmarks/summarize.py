@@ -7,29 +7,23 @@ Each run folder is what an algorithm script writes: `config.json` and `metrics.j
 """
 
 import argparse
-import json
 import statistics
 from pathlib import Path
+
+from report import evals, read_run  # the same folder: one reader of run folders for both scripts
 
 COLUMNS = ["eval/greedy_acc", "eval/mean@n", "eval/pass@8", "eval/pass@64", "eval/distinct_correct"]
 
 
 def load_run(run_dir: Path) -> dict:
-    """Returns {"name", "seed", "base": {...}, "final": {...}, "seconds"} from one run folder."""
-    config = json.loads((run_dir / "config.json").read_text())
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    evals = [r for r in records if "eval/greedy_acc" in r]
-    if not evals:
+    """Returns {"name", "seed", "base": {...}, "final": {...}, "final_step", "records"} from one run folder."""
+    run = read_run(run_dir)
+    run_evals = evals(run)
+    if not run_evals:
         raise ValueError(f"{run_dir}: no evaluation recorded")
-
-    def normalise(record: dict) -> dict:
-        out = {k: v for k, v in record.items() if k.startswith("eval/")}
-        out.update({"eval/mean@n": v for k, v in record.items() if k.startswith("eval/mean@")})
-        return out
-
-    seconds = sum(r.get("time/step", 0.0) for r in records)
-    return {"name": config["exp_name"], "seed": config["seed"], "base": normalise(evals[0]), "final": normalise(evals[-1]),
-            "final_step": evals[-1]["step"], "seconds": seconds, "records": {r["step"]: r for r in records}}
+    config = run["config"]
+    return {"name": config["exp_name"], "seed": config["seed"], "base": run_evals[0], "final": run_evals[-1],
+            "final_step": run_evals[-1]["step"], "records": {r["step"]: r for r in run["records"]}}
 
 
 def group_by_name(runs: list[dict]) -> dict[str, list[dict]]:

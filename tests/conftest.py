@@ -3,6 +3,7 @@ loaders for the algorithm scripts (they are scripts, not a package)."""
 
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +19,12 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import common  # noqa: E402
+
+
+def run_python(args: list[str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
+    """Run `python *args` (a script and its flags) with the offline settings above; the timeout is a hang guard, not a
+    speed test (the machine may be shared)."""
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
 def load_algorithm(name: str):

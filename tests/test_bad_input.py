@@ -1,17 +1,13 @@
 """Bad input at every entry point: a clear one-line error or a reward of 0, in bounded time, never a deep traceback."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import run_python
 import torch
 
 import common
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 NUMS, TARGET = [3, 5, 7], 22
 
 # ---- model output -> reward 0 ----------------------------------------------------------------------------------------
@@ -128,9 +124,7 @@ def test_bad_command_line_gives_one_clear_line(flags, message, tmp_path):
     if "CORRUPT_RUN" in flags:
         replacements["CORRUPT_RUN"] = str(_corrupt_run(tmp_path))
     argv = [replacements.get(f) or f for f in flags]
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "algorithms/grpo.py", *argv, "--output-dir", str(tmp_path / "runs")],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    result = run_python(["algorithms/grpo.py", *argv, "--output-dir", str(tmp_path / "runs")])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     if message:
         assert result.stderr.strip().splitlines()[-1].startswith(message)

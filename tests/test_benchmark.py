@@ -3,13 +3,11 @@
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, run_python
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name):
@@ -56,8 +54,7 @@ def test_embedded_suite_gives_every_algorithm_the_same_sample_budget():
 
 
 def test_quick_dry_run_prints_every_command():
-    result = subprocess.run([sys.executable, "benchmarks/run.py", "--quick", "--dry-run"], cwd=REPO_ROOT,
-                            capture_output=True, text=True, timeout=60)
+    result = run_python(["benchmarks/run.py", "--quick", "--dry-run"])
     assert result.returncode == 0, result.stderr
     lines = result.stdout.strip().splitlines()
     assert len(lines) == len(run.load_suite("countdown")["algorithms"])

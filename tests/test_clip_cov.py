@@ -2,13 +2,10 @@
 tokens get exactly zero gradient, the selection size and scope, and the whole-mini-batch no-grad pass."""
 
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_algorithm, sample_batch
+from conftest import load_algorithm, run_python, sample_batch
 
 import common
 
@@ -125,9 +122,6 @@ def test_no_grad_selection_pass_equals_gradient_pass(random_model):
 
 
 def test_bad_bounds_give_one_line_error(tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "algorithms/clip_cov.py", "--clip-cov-lb", "5", "--clip-cov-ub", "1",
-                             "--output-dir", str(tmp_path)],
-                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
+    result = run_python(["algorithms/clip_cov.py", "--clip-cov-lb", "5", "--clip-cov-ub", "1", "--output-dir", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: need 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub"

@@ -3,14 +3,11 @@ and the method's defining property: training never reads the gold answers."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_algorithm, sample_batch
+from conftest import REPO_ROOT, load_algorithm, run_python, sample_batch
 from safetensors.torch import load_file
 
 import common
@@ -140,18 +137,12 @@ RUNNER = textwrap.dedent("""
 """)
 
 
-def _run(args, cwd=REPO_ROOT):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    # the timeout is a hang guard, not a speed test (the machine may be shared)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.mark.parametrize("method_flags", [[], ["--method", "em-ft", "--group-size", "1"]])
 def test_training_is_identical_when_every_gold_answer_is_garbage(method_flags, tmp_path):
     records, weights = {}, {}
     for labels in ("real", "garbage"):
         out = tmp_path / labels
-        result = _run(["-c", RUNNER, str(REPO_ROOT), labels, str(REPO_ROOT / "algorithms" / "em_rl.py"), *TINY,
+        result = run_python(["-c", RUNNER, str(REPO_ROOT), labels, str(REPO_ROOT / "algorithms" / "em_rl.py"), *TINY,
                        *method_flags, "--output-dir", str(out)])
         assert result.returncode == 0, result.stderr[-3000:]
         (run_dir,) = out.iterdir()
@@ -171,13 +162,13 @@ def test_training_is_identical_when_every_gold_answer_is_garbage(method_flags, t
     (["--method", "em-ft", "--entropy-coef", "0.001"], "error: --entropy-coef is an EM-RL term"),
 ])
 def test_bad_input_gives_one_line_error(flags, message, tmp_path):
-    result = _run(["algorithms/em_rl.py", *flags, "--output-dir", str(tmp_path)])
+    result = run_python(["algorithms/em_rl.py", *flags, "--output-dir", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
 def test_sequence_sum_reward_with_entropy_bonus_and_minibatches_runs(tmp_path):
-    result = _run(["algorithms/em_rl.py", *TINY, "--reward-type", "sequence", "--reward-norm", "sum", "--entropy-coef",
+    result = run_python(["algorithms/em_rl.py", *TINY, "--reward-type", "sequence", "--reward-norm", "sum", "--entropy-coef",
                    "0.001", "--num-mini-batches", "2", "--num-epochs", "2", "--micro-batch-size", "3",
                    "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -3,13 +3,10 @@ gradient on-policy, the extra beta * sign(d) gradient on exactly the top-k token
 second mini-batch of a rollout on."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO_ROOT, load_algorithm, sample_batch
+from conftest import load_algorithm, run_python, sample_batch
 
 import common
 
@@ -88,9 +85,7 @@ def test_penalty_is_zero_on_the_first_and_non_zero_on_the_second_mini_batch(rand
 
 
 def _run_script(flags, tmp_path):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "algorithms/kl_cov.py", *flags, "--output-dir", str(tmp_path)], cwd=REPO_ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    return run_python(["algorithms/kl_cov.py", *flags, "--output-dir", str(tmp_path)])
 
 
 @pytest.mark.parametrize("mini_batches", [4, 1])

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm
-from test_smoke import TINY_BUDGET, run
+from conftest import load_algorithm, run_python
+from test_smoke import TINY_BUDGET
 
 import common
 
@@ -156,7 +156,7 @@ def _records(tmp_path):
 
 def test_step_with_no_kept_prompt_is_skipped_and_counted(tmp_path):
     # two-token responses can never end (an answer needs more characters): every prompt is dropped as truncated
-    result = run(["algorithms/prime.py", *TINY_BUDGET, "--max-new-tokens", "2", "--output-dir", str(tmp_path)])
+    result = run_python(["algorithms/prime.py", *TINY_BUDGET, "--max-new-tokens", "2", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     step1, step2 = _records(tmp_path)[1:3]
     assert step1["charts/kept_frac"] == 0 and step2["charts/empty_steps"] == 2 and step2["charts/skipped_steps"] == 0
@@ -164,7 +164,7 @@ def test_step_with_no_kept_prompt_is_skipped_and_counted(tmp_path):
 
 
 def test_prm_update_before_with_policy_reference_and_minibatches(tmp_path):
-    result = run(["algorithms/prime.py", *TINY_BUDGET, "--prompts-per-step", "12", "--acc-low", "0", "--acc-high", "1",
+    result = run_python(["algorithms/prime.py", *TINY_BUDGET, "--prompts-per-step", "12", "--acc-low", "0", "--acc-high", "1",
                   "--prm-update", "before", "--prm-ref", "policy", "--num-mini-batches", "3", "--num-epochs", "2",
                   "--micro-batch-size", "5", "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -180,6 +180,6 @@ def test_prm_update_before_with_policy_reference_and_minibatches(tmp_path):
 
 @pytest.mark.parametrize("flags", [["--acc-low", "0.9", "--acc-high", "0.1"], ["--prm-beta", "0"], ["--group-size", "1"]])
 def test_bad_input_gives_one_line_error(flags, tmp_path):
-    result = run(["algorithms/prime.py", *flags, "--output-dir", str(tmp_path)])
+    result = run_python(["algorithms/prime.py", *flags, "--output-dir", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("error: need")

@@ -1,7 +1,6 @@
 """Kill a run with SIGKILL part way, resume it, and get exactly the metrics of an uninterrupted run."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -9,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, run_python
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
 EXTRA_FLAGS = {  # flags that make a short run exercise the method's own checkpointed state
     "prime": ["--acc-low", "0", "--acc-high", "1"],  # the PRM trains at every step: its weights and optimizer matter
@@ -20,7 +19,6 @@ NUM_STEPS = 10
 FLAGS = ["--num-steps", str(NUM_STEPS), "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
          "--eval-samples", "2", "--final-eval-samples", "4", "--eval-every", "3", "--checkpoint-every", "2",
          "--log-completions-every", "0"]
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 TIMING = ("time/", "charts/tokens_per_sec")
 
 
@@ -31,7 +29,7 @@ def records(run_dir: Path) -> list[dict]:
 
 def start(name, out):
     argv = [sys.executable, f"algorithms/{name}.py", *FLAGS, *EXTRA_FLAGS.get(name, []), "--output-dir", str(out)]
-    return subprocess.Popen(argv, cwd=REPO_ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -52,8 +50,7 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path):
     (run_dir,) = (tmp_path / "killed").iterdir()
     assert records(run_dir)[-1]["step"] < NUM_STEPS
 
-    resumed = subprocess.run([sys.executable, f"algorithms/{name}.py", "--resume", str(run_dir)], cwd=REPO_ROOT, env=ENV,
-                             capture_output=True, text=True, timeout=600)
+    resumed = run_python([f"algorithms/{name}.py", "--resume", str(run_dir)])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     (full_dir,) = (tmp_path / "full").iterdir()
     assert records(run_dir) == records(full_dir)
@@ -61,7 +58,6 @@ def test_killed_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path):
 
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({}))
-    result = subprocess.run([sys.executable, "algorithms/grpo.py", "--resume", str(tmp_path / "nowhere")], cwd=REPO_ROOT,
-                            env=ENV, capture_output=True, text=True, timeout=600)
+    result = run_python(["algorithms/grpo.py", "--resume", str(tmp_path / "nowhere")])
     assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].startswith("error: cannot resume")
     assert "Traceback" not in result.stderr

@@ -1,14 +1,10 @@
 """End-to-end runs of every algorithm script in a subprocess with a tiny budget, `--help`, and bad input."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import REPO_ROOT, run_python
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
 TINY_BUDGET = ["--num-steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
                "--eval-samples", "2", "--final-eval-samples", "4", "--log-completions-every", "1"]
@@ -17,21 +13,16 @@ EXTRA_FLAGS = {  # algorithm -> flags its tiny-budget run needs on top of TINY_B
 }
 
 
-def run(args, cwd=REPO_ROOT, timeout=600):  # a hang guard, not a speed test
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_help(name):
-    result = run([f"algorithms/{name}.py", "--help"])
+    result = run_python([f"algorithms/{name}.py", "--help"])
     assert result.returncode == 0 and "--model-name" in result.stdout and "--learning-rate" in result.stdout
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_end_to_end_tiny_budget(name, tmp_path):
     # run from another working directory: the script must find common.py and the embedded model itself
-    result = run([str(REPO_ROOT / "algorithms" / f"{name}.py"), *TINY_BUDGET, *EXTRA_FLAGS.get(name, []),
+    result = run_python([str(REPO_ROOT / "algorithms" / f"{name}.py"), *TINY_BUDGET, *EXTRA_FLAGS.get(name, []),
                   "--output-dir", str(tmp_path), "--save-model"],
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -45,7 +36,7 @@ def test_end_to_end_tiny_budget(name, tmp_path):
 
 
 def test_grpo_with_reference_and_minibatches(tmp_path):
-    result = run(["algorithms/grpo.py", *TINY_BUDGET, "--output-dir", str(tmp_path), "--beta", "0.04",
+    result = run_python(["algorithms/grpo.py", *TINY_BUDGET, "--output-dir", str(tmp_path), "--beta", "0.04",
                   "--num-mini-batches", "2", "--num-epochs", "2", "--micro-batch-size", "3",
                   "--loss-agg", "seq-mean-token-sum-norm", "--no-scale-rewards"])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -61,12 +52,12 @@ def test_grpo_with_reference_and_minibatches(tmp_path):
     (["--group-size", "1"], "error: need group_size >= 2"),
 ])
 def test_bad_input_gives_one_line_error(flags, message, tmp_path):
-    result = run(["algorithms/grpo.py", *flags, "--output-dir", str(tmp_path)])
+    result = run_python(["algorithms/grpo.py", *flags, "--output-dir", str(tmp_path)])
     assert result.returncode != 0
     assert result.stderr.strip().splitlines()[-1].startswith(message)
     assert "Traceback" not in result.stderr
 
 
 def test_unknown_flag_value_is_rejected_by_the_parser(tmp_path):
-    result = run(["algorithms/grpo.py", "--loss-agg", "bogus", "--output-dir", str(tmp_path)])
+    result = run_python(["algorithms/grpo.py", "--loss-agg", "bogus", "--output-dir", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr and "loss-agg" in result.stderr
