@@ -7,6 +7,8 @@ seeding, and the run folder / logging. See `../shared/specs/algorithms.md` §0 f
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import math
 import os
@@ -14,6 +16,7 @@ import random
 import re
 import sys
 import threading
+import weakref
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -552,18 +555,25 @@ def resolve_model_path(name: str) -> str:
     return name
 
 
-def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16: bool = False,
+                             gradient_checkpointing: bool = False, frozen: bool = False):
     """Load a causal LM and its tokenizer with `from_pretrained`, from a local folder or the hub.
 
     The tokenizer pads on the left (for batched generation) and falls back to EOS as pad. The model's own
     generation_config is replaced by one that keeps only its special-token ids, so sampling is set by our flags
-    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy)."""
+    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy).
+
+    Precision: with `bf16` on a GPU, a model to train keeps fp32 weights (AdamW updates of ~1e-6 vanish in bf16) and
+    computes in bf16 under autocast in `rollout` and `response_logprobs`; a `frozen` model (reference, never trained)
+    is stored in bf16. On the CPU everything stays fp32. `gradient_checkpointing` recomputes each layer's activations
+    in the backward pass (less memory, about a third more compute)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     path = resolve_model_path(name)
+    low_precision = bf16 and torch.device(device).type == "cuda"
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if low_precision and frozen else torch.float32)
     except OSError as exc:
         hint = " (offline: pass a local path)" if os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc) else ""
         raise UserInputError(f"could not load model {name!r}{hint}: {str(exc).splitlines()[0]}") from None
@@ -576,7 +586,18 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", dtyp
     model.generation_config = GenerationConfig(
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=model.generation_config.bos_token_id
     )
+    model.autocast_dtype = torch.bfloat16 if low_precision and not frozen else None  # read by autocast()
+    if gradient_checkpointing and not frozen:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tokenizer
+
+
+def autocast(model):
+    """The autocast context for a forward pass of `model` (a no-op unless it was loaded with bf16 on a GPU)."""
+    dtype = getattr(unwrap(model), "autocast_dtype", None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
 
 
 def eos_ids(model) -> list[int]:
@@ -602,32 +623,66 @@ class Rollout:
     texts: list[str]  # decoded responses (special tokens removed)
     prompt_len: int
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(B,) real tokens per row: the prompt without its padding and the response up to its first EOS."""
+        return self.attention_mask[:, : self.prompt_len].sum(-1) + self.response_mask.sum(-1)
+
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
     """1 for tokens up to and including the first EOS, 0 after; correct when pad == eos."""
-    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device)).long()
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device, dtype=torch.long)).long()
     return ((torch.cumsum(is_eos, dim=-1) - is_eos) == 0).long()
+
+
+ROLLOUT_BACKENDS = ("generate", "static", "continuous")
 
 
 @torch.no_grad()
 def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
-            top_p: float = 1.0, top_k: int = 0, greedy: bool = False) -> Rollout:
-    """Sample `group_size` responses per prompt with HF `generate` (KV cache on), in one batch."""
+            top_p: float = 1.0, top_k: int = 0, greedy: bool = False, backend: str = "generate") -> Rollout:
+    """Sample `group_size` responses per prompt, in one batch. Backends (the same outputs, the same sampling):
+    - `generate`: HF `generate` with its dynamic KV cache;
+    - `static`: `generate` with a preallocated static KV cache (`cache_implementation="static"`), with which
+      transformers compiles the decoding step on a GPU (prompts are padded to a multiple of 64 tokens, so that few
+      shapes are compiled);
+    - `continuous`: continuous batching (`generate_batch`, paged attention): finished sequences leave the batch and
+      the G responses to a prompt share its prefix's cache blocks.
+    With bf16 on a GPU, `static` and `continuous` decode in a bf16 copy of the fp32 policy (refreshed at each call:
+    2 bytes a parameter more), since their caches hold one dtype; `generate` runs the policy under autocast.
+    Under FSDP every process keeps stepping until all are done (`synced_gpus`), since each forward is collective."""
     if not greedy and not temperature > 0:
         raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
-    device = next(model.parameters()).device
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    if backend not in ROLLOUT_BACKENDS:
+        raise UserInputError(f"unknown rollout backend {backend!r}; choose one of: {', '.join(ROLLOUT_BACKENDS)}")
+    generator = unwrap(model)
+    device = next(generator.parameters()).device
+    pad_to = 64 if backend == "static" else None  # a compiled static-cache step recompiles for every new length
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to,
+                    add_special_tokens=False).to(device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
     prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
     sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
-    was_training = model.training
-    model.eval()
-    out = model.generate(input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=max_new_tokens,
-                         do_sample=not greedy, use_cache=True, **sampling)
-    model.train(was_training)
+    eos = eos_ids(generator)
+    policy = generator
+    was_training = policy.training
+    policy.eval()
+    if backend == "continuous" and is_fsdp(model):
+        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    if backend != "generate" and not is_fsdp(model):
+        generator = _low_precision_copy(generator)  # a static or paged cache wants one dtype for keys and values
+    with autocast(generator):
+        if backend == "continuous":
+            response_ids = _continuous_batching(generator, enc, group_size, max_new_tokens, greedy, sampling,
+                                                tokenizer.pad_token_id)
+        else:
+            extra = {"cache_implementation": "static"} if backend == "static" else {}
+            out = generator.generate(input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=max_new_tokens,
+                                     do_sample=not greedy, use_cache=True, synced_gpus=is_fsdp(model), **extra, **sampling)
+            response_ids = out[:, prompt_ids.shape[1]:]
+    policy.train(was_training)
     P = prompt_ids.shape[1]
-    response_ids = out[:, P:]
-    eos = eos_ids(model)
+    out = torch.cat([prompt_ids, response_ids], dim=1)
     response_mask = response_mask_from_ids(response_ids, eos)
     is_eos = torch.isin(response_ids, torch.tensor(eos, device=device))
     truncated = ~is_eos.any(dim=-1)
@@ -636,6 +691,51 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_token
     attention_mask = torch.cat([prompt_attn, torch.ones_like(response_ids)], dim=1)
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
     return Rollout(out, attention_mask, response_ids, response_mask, prompt_index, truncated, texts, P)
+
+
+_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _low_precision_copy(model):
+    """For a model trained in fp32 under bf16 autocast: a bf16 copy holding its current weights. Static and paged KV
+    caches hold one dtype, while autocast gives bf16 values but fp32 keys (rotary embeddings in the weights' dtype);
+    continuous batching also decodes in a worker thread, which the caller's autocast does not reach. Made once,
+    refreshed on every call; the model itself where no autocast is set (the CPU)."""
+    dtype = getattr(model, "autocast_dtype", None)
+    if dtype is None:
+        return model
+    if model not in _LOW_PRECISION_COPIES:
+        _LOW_PRECISION_COPIES[model] = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    shadow = _LOW_PRECISION_COPIES[model]
+    for target, source in zip(shadow.parameters(), model.parameters(), strict=True):
+        target.copy_(source)
+    return shadow
+
+
+def _continuous_batching(model, enc, group_size: int, max_new_tokens: int, greedy: bool, sampling: dict,
+                         pad_id: int) -> torch.Tensor:
+    """Responses from `generate_batch`, as a (n_prompts * G, T) tensor padded with `pad_id` on the right; row
+    i * G + j is the j-th response to prompt i, as with `generate`."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    forks = 1 if greedy else group_size  # sampled responses fork from their prompt's request (shared prefix blocks)
+    requests = [p for p in prompts for _ in range(group_size // forks)]
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, num_return_sequences=forks,
+                              eos_token_id=model.generation_config.eos_token_id, pad_token_id=pad_id, **sampling)
+    page = 256  # tokens per cache block; the cache is sized to this rollout (by default it takes 90% of free memory)
+    blocks = len(prompts) * group_size * math.ceil((enc["input_ids"].shape[1] + max_new_tokens) / page) + 1
+    cb_config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks)
+    results = model.generate_batch(requests, generation_config=config, continuous_batching_config=cb_config)
+    outputs = list(results.values())  # ordered by prompt, the G responses to a prompt next to each other
+    if len(outputs) != len(prompts) * group_size or any(o.error is not None for o in outputs):
+        raise RuntimeError("continuous batching lost or failed requests; rerun with --rollout generate")
+    T = max(1, max(len(o.generated_tokens) for o in outputs))
+    response_ids = torch.full((len(outputs), T), pad_id, dtype=torch.long)
+    for row, output in enumerate(outputs):
+        tokens = output.generated_tokens[:max_new_tokens]
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return response_ids.to(enc["input_ids"].device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -654,30 +754,50 @@ class TokenStats:
 
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                       temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
-                      with_vocab_mean: bool = False, chunk_size: int | None = None) -> TokenStats:
+                      with_vocab_mean: bool = False, chunk_size: int | None = None, trim: bool = False) -> TokenStats:
     """Statistics of every response token from temperature-scaled fp32 logits.
 
     `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response; the logits that predict
     response token t sit at position P - 1 + t. Rows are processed `chunk_size` at a time, so at most one
     (chunk, T, V) fp32 tensor is alive. Gradients flow to `logp` when grad is enabled; to the entropy only with
     `entropy_grad` (entropy minimisation); never to `vocab_mean` (used only inside stop-gradient targets).
-    Entropy: H = logsumexp(z) - sum softmax(z) z. Vocabulary mean: mean_v log_softmax(z)_v = mean(z) - logsumexp(z)."""
+    Entropy: H = logsumexp(z) - sum softmax(z) z. Vocabulary mean: mean_v log_softmax(z)_v = mean(z) - logsumexp(z).
+
+    Positions after a row's first EOS (outside every response mask) come back as 0 in every statistic, whatever the
+    chunking, so ratios like exp(logp - old_logp) there are exp(0) = 1 and never overflow.
+    `trim` (token-budget micro-batches): columns that are padding in every row of a chunk (prompt padding on the
+    left, positions after every row's first EOS on the right) are cut before the forward pass. The valid positions
+    get the same values up to float rounding (a causal model never looks right)."""
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     chunk_size = chunk_size or input_ids.shape[0]
+    config = getattr(unwrap(model), "generation_config", None)
+    eos = eos_ids(unwrap(model)) if getattr(config, "eos_token_id", None) is not None else []  # [] : no EOS known
     logps, entropies, vocab_means = [], [], []
     for start in range(0, input_ids.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
-        logits = model(input_ids=input_ids[rows], attention_mask=attention_mask[rows], position_ids=position_ids[rows],
-                       logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]  # (b, T, V)
+        valid = response_mask_from_ids(input_ids[rows, -response_len:], eos).bool()  # (b, T)
+        first, T = 0, response_len  # columns first .. P + T of this chunk go through the model
+        if trim:
+            first = int((attention_mask[rows].sum(0) == 0).long().cumprod(0).sum())  # all-padding prompt columns
+            T = max(1, int(valid.sum(-1).max()))
+        end = input_ids.shape[1] - response_len + T
+        with autocast(model):
+            logits = model(input_ids=input_ids[rows, first:end], attention_mask=attention_mask[rows, first:end],
+                           position_ids=position_ids[rows, first:end], logits_to_keep=T + 1,
+                           use_cache=False).logits[:, :-1]  # (b, T, V)
         logits = logits.float() / temperature
         log_probs = torch.log_softmax(logits, dim=-1)
-        logps.append(log_probs.gather(-1, input_ids[rows, -response_len:, None]).squeeze(-1))
+
+        def full_width(x):  # back to the response's width; 0 after each row's first EOS
+            return torch.where(valid, torch.nn.functional.pad(x, (0, response_len - T)), 0.0)
+
+        logps.append(full_width(log_probs.gather(-1, input_ids[rows, end - T:end, None]).squeeze(-1)))
         if with_entropy:
             with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropies.append(torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1))
+                entropies.append(full_width(torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1)))
         if with_vocab_mean:
             with torch.no_grad():
-                vocab_means.append(log_probs.mean(-1))
+                vocab_means.append(full_width(log_probs.mean(-1)))
         del logits, log_probs
     return TokenStats(torch.cat(logps), torch.cat(entropies) if with_entropy else None,
                       torch.cat(vocab_means) if with_vocab_mean else None)
@@ -702,27 +822,36 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperature: float, max_new_tokens: int,
-             top_p: float = 1.0, top_k: int = 0, batch_size: int = 1024) -> dict:
+             top_p: float = 1.0, top_k: int = 0, batch_size: int = 1024, backend: str = "generate") -> dict:
     """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt at `temperature` (mean@n),
-    unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt."""
-    prompts = [task.prompt(item) for item in items]
+    unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt.
+
+    Under torchrun every process evaluates its share of the prompts and all return the same metrics."""
+    share = math.ceil(len(items) / world_size())
+    mine = items[rank() * share:(rank() + 1) * share]
+    n_mine = len(mine)
+    mine = mine + items[: share - n_mine]  # equal shares: every process runs as many batches (FSDP needs it)
+    prompts = [task.prompt(item) for item in mine]
     greedy_correct = []
-    for start in range(0, len(items), batch_size):
-        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, max_new_tokens, greedy=True)
-        greedy_correct += [task.verify(item, text)[0] for item, text in zip(items[start:start + batch_size], ro.texts)]
+    for start in range(0, len(mine), batch_size):
+        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, max_new_tokens, greedy=True, backend=backend)
+        greedy_correct += [task.verify(item, text)[0] for item, text in zip(mine[start:start + batch_size], ro.texts)]
+    greedy_correct = gather_lists(greedy_correct[:n_mine])
     metrics = {"eval/greedy_acc": float(np.mean(greedy_correct))}
     if n_samples == 0:
         return metrics
     per_prompt = max(1, batch_size // n_samples)
     correct_counts, distinct = [], []
-    for start in range(0, len(items), per_prompt):
-        chunk = items[start:start + per_prompt]
-        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, max_new_tokens, temperature, top_p, top_k)
+    for start in range(0, len(mine), per_prompt):
+        chunk = mine[start:start + per_prompt]
+        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, max_new_tokens, temperature, top_p,
+                     top_k, backend=backend)
         for i, item in enumerate(chunk):
             texts = ro.texts[i * n_samples:(i + 1) * n_samples]
             correct = [text for text in texts if task.verify(item, text)[0]]
             correct_counts.append(len(correct))
             distinct.append(len({task.answer_key(text) for text in correct}))
+    correct_counts, distinct = gather_lists(correct_counts[:n_mine]), gather_lists(distinct[:n_mine])
     metrics[f"eval/mean@{n_samples}"] = sum(correct_counts) / (len(items) * n_samples)
     k = 1
     while k <= n_samples:
@@ -730,6 +859,186 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
         k *= 2
     metrics["eval/distinct_correct"] = float(np.mean(distinct))
     return metrics
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data-parallel rollouts and training with DDP or FSDP2
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def init_distributed(use_cuda: bool = True) -> tuple[int, int, torch.device]:
+    """`(rank, world_size, device)`. A plain `python` run is rank 0 of 1. Under `torchrun --nproc-per-node N`
+    (WORLD_SIZE > 1) this joins the process group (NCCL on GPUs, gloo on CPUs) and takes GPU LOCAL_RANK; processes
+    other than rank 0 print nothing to stdout (errors still reach stderr)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = use_cuda and torch.cuda.is_available()
+    if n == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    import atexit
+
+    import torch.distributed as dist
+
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if _distributed() else 1
+
+
+def rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
+    """All-reduce a copy of x on the device the backend needs (NCCL: the GPU; gloo: where x is); x's device back."""
+    if world_size() == 1:
+        return x
+    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else x.device
+    y = x.to(on, copy=True)
+    torch.distributed.all_reduce(y, op=op)
+    return y.to(x.device)
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    """Sum of a tensor over all processes (itself in a single process)."""
+    return _all_reduce(x, torch.distributed.ReduceOp.SUM)
+
+
+def all_max(x: torch.Tensor) -> torch.Tensor:
+    """Elementwise maximum of a tensor over all processes (itself in a single process)."""
+    return _all_reduce(x, torch.distributed.ReduceOp.MAX)
+
+
+def gather_lists(values: list) -> list:
+    """The concatenation, in rank order, of every process's list (the list itself in a single process)."""
+    if world_size() == 1:
+        return list(values)
+    gathered = [None] * world_size()
+    torch.distributed.all_gather_object(gathered, list(values))
+    return [v for part in gathered for v in part]
+
+
+def shard(items: list) -> list:
+    """This process's contiguous share of a global batch (all processes draw the same global batch)."""
+    n, r = world_size(), rank()
+    if len(items) % n:
+        raise UserInputError(f"{len(items)} prompts per step cannot be split evenly over {n} processes")
+    share = len(items) // n
+    return items[r * share:(r + 1) * share]
+
+
+def unwrap(model):
+    """The Hugging Face model inside a DDP wrapper (FSDP2 keeps the model itself)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def is_fsdp(model) -> bool:
+    return _distributed() and type(model).__name__.startswith("FSDP")
+
+
+def data_parallel(model, fsdp: bool = False):
+    """Wrap a model for training over the processes: DDP (a full copy per process, gradients averaged), or with
+    `fsdp` FSDP2 `fully_shard` per decoder layer and on the root (parameters, gradients and optimizer state sharded;
+    with bf16, all-gathers in bf16 and gradient reductions in fp32). A single process gets the model back unchanged.
+    Create the optimizer after this call."""
+    if world_size() == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        dtype = getattr(model, "autocast_dtype", None)
+        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        layer_classes = set(getattr(model, "_no_split_modules", None) or [])
+        for module in model.modules():
+            if type(module).__name__ in layer_classes:
+                fully_shard(module, mp_policy=policy)
+        return fully_shard(model, mp_policy=policy)
+    device = next(model.parameters()).device
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:
+    """Split the rows of one optimizer step into micro-batches (gradient accumulation: memory only, the loss is the
+    same). `lengths` (B,) counts each row's real tokens (`Rollout.lengths`). Without `max_tokens`: chunks of
+    `max_rows` in the given order. With it: rows sorted by length are packed while rows x longest <= max_tokens
+    (at most `max_rows`), so short responses share a micro-batch and long ones get few companions; use with
+    `response_logprobs(trim=True)`. Every process gets the same number of micro-batches (FSDP and DDP need
+    matching collective calls): a process with fewer splits its largest ones."""
+    if not max_tokens:
+        return list(rows.split(max_rows))
+    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
+    lengths = lengths[order].tolist()
+    batches, start = [], 0
+    while start < len(order):
+        end = start + 1  # the first row is the longest of the micro-batch
+        while end < len(order) and end - start < max_rows and (end - start + 1) * lengths[start] <= max_tokens:
+            end += 1
+        batches.append(order[start:end])
+        start = end
+    target = int(all_max(torch.tensor(len(batches))))
+    while len(batches) < target:
+        largest = max(range(len(batches)), key=lambda i: len(batches[i]))
+        if len(batches[largest]) < 2:
+            raise RuntimeError("cannot split the micro-batches evenly over the processes")
+        half = len(batches[largest]) // 2
+        batches[largest:largest + 1] = [batches[largest][:half], batches[largest][half:]]
+    return batches
+
+
+def reduce_metrics(metrics: dict) -> dict:
+    """Every process's metrics averaged over the processes (time/* take the slowest); identical values (evaluations,
+    flags) stay as they are. A single process gets its metrics back."""
+    if world_size() == 1:
+        return metrics
+    keys = sorted(metrics)
+    values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
+    is_time = torch.tensor([k.startswith("time/") for k in keys])
+    means, maxima = all_sum(values) / world_size(), all_max(values)
+    return {k: float(maxima[i] if is_time[i] else means[i]) for i, k in enumerate(keys)}
+
+
+def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Full (unsharded) state dicts of a plain, DDP or FSDP2 model and its optimizer, on the CPU, keyed by parameter
+    name. Every process must call it (FSDP gathers the shards); only rank 0 gets the tensors under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer is not None else [], options=options)
+    return model_sd, (optim_sd if optimizer is not None else None)
+
+
+def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+    """Load what `full_state_dicts` returned (every process reads the same checkpoint file)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    optimizers = [optimizer] if optimizer is not None else []
+    set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd or {},
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def save_pretrained(model, tokenizer, path: Path) -> None:
+    """`save_pretrained` of the trained model (gathered from every process under FSDP), written by rank 0."""
+    model_sd, _ = full_state_dicts(model)
+    if is_main():
+        unwrap(model).save_pretrained(path, state_dict=model_sd)
+        tokenizer.save_pretrained(path)
+        print(f"model saved to {path}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -767,11 +1076,15 @@ def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
     """Write `state` (state_dicts of models, optimizers, the sampler, method state) with the step and all RNG states.
 
     Atomic: the file is written beside the old one, flushed to disk, then renamed over it, so a kill during the save
-    leaves the previous checkpoint intact."""
+    leaves the previous checkpoint intact. Under torchrun every process calls it (each one's RNG states are kept)
+    and rank 0 writes the file."""
+    states = gather_lists([rng_state()])
     path = Path(run_dir) / CHECKPOINT_FILE
+    if not is_main():
+        return path
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
-        torch.save({"step": step, "rng": rng_state(), **state}, f)
+        torch.save({"step": step, "rng": states[0], "rng_per_process": states, **state}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -779,13 +1092,22 @@ def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:
-    """Read a run folder's checkpoint (the caller restores models, optimizers, ...; RNG states are restored here)."""
+    """Read a run folder's checkpoint (the caller restores models, optimizers, ...; RNG states are restored here,
+    each process its own: resume with as many processes as wrote the checkpoint)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise UserInputError(f"no checkpoint to resume from: {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)  # our own file, written by save_checkpoint
-        set_rng_state(checkpoint["rng"])
+        states = checkpoint.get("rng_per_process", [checkpoint["rng"]])
+    except Exception as exc:
+        raise UserInputError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}); "
+                             "it cannot be resumed") from None
+    if len(states) != world_size():
+        raise UserInputError(f"checkpoint {path} was written by {len(states)} process(es); resume it with as many "
+                             f"(torchrun --nproc-per-node {len(states)}), not {world_size()}")
+    try:
+        set_rng_state(states[rank()])
     except Exception as exc:
         raise UserInputError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}); "
                              "it cannot be resumed") from None
@@ -810,6 +1132,13 @@ def resume_config(args, args_class):
     return restored
 
 
+def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' global norm to `max_norm`; returns the norm before clipping as a plain tensor (under FSDP
+    the norm of all shards)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 class NonFiniteGuard:
     """Skip optimizer steps whose gradient norm is not finite (a non-finite loss makes it so); after `patience` such
     steps in a row, stop the run with a clear message (the last checkpoint on disk is the last good state)."""
@@ -830,12 +1159,16 @@ class NonFiniteGuard:
 
 
 class RunLogger:
-    """Writes `runs/<run_name>/config.json`, `metrics.jsonl` and `completions.jsonl`; mirrors to W&B with `--track`."""
+    """Writes `runs/<run_name>/config.json`, `metrics.jsonl` and `completions.jsonl`; mirrors to W&B with `--track`.
+    Under torchrun only rank 0 writes (the other processes' loggers do nothing)."""
 
     def __init__(self, args, run_name: str, resume_step: int | None = None):
         """A new run folder, or with `resume_step` the existing one: records after that step (written after the
         checkpoint, before a crash) are dropped, since the resumed run writes them again."""
         self.run_dir = Path(args.output_dir) / run_name if resume_step is None else Path(args.resume)
+        self.wandb, self.enabled = None, is_main()
+        if not self.enabled:
+            return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config = asdict(args)
         (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
@@ -847,7 +1180,6 @@ class RunLogger:
                             if line.strip() and _record_step(line) <= resume_step]
                     path.write_text("".join(kept))
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
-        self.wandb = None
         if args.track:
             import wandb
 
@@ -855,6 +1187,8 @@ class RunLogger:
                                     config=self.config, dir=str(self.run_dir), save_code=True)
 
     def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
         self.metrics_file.write(json.dumps(record) + "\n")
@@ -863,14 +1197,22 @@ class RunLogger:
             self.wandb.log(metrics, step=step)
 
     def log_completions(self, step: int, rows: list[dict]) -> None:
+        if not self.enabled:
+            return
         with open(self.run_dir / "completions.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
     def close(self) -> None:
-        self.metrics_file.close()
-        if self.wandb is not None:
-            self.wandb.finish()
+        """The end of the run. Under torchrun every process waits here for the others, then leaves the process group
+        (a process that tears gloo down while another still talks to it can abort)."""
+        if self.enabled:
+            self.metrics_file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+        if _distributed():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
 
 
 def _record_step(line: str) -> float:

@@ -17,12 +17,14 @@ Implementation details:
    approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
    over the mini-batch gives its detached logp; the covariance, the PPO-clipped tokens and the selected set come from
    it, then the usual micro-batched forward/backward applies the selection. The extra pass costs one forward per
-   mini-batch; memory stays bounded by micro_batch_size. The pass runs in the same chunks as the gradient pass, so the
+   mini-batch; memory stays bounded by micro_batch_size. The pass runs in the gradient pass's micro-batches, so the
    two see bit-identical log-probs.
 3. The covariance uses masked means over the mini-batch's valid tokens only; padding gets cov 0 and is never a
    candidate. Candidates are strictly inside (w_low, w_high); tokens the PPO clamp already clips are excluded.
 4. Selected tokens get zero loss through `torch.where` (so exactly zero gradient, as the code's detach) and stay in
    the token-mean denominator; k = min(max(int(r N), 1), #candidates). The draw uses torch's global RNG (seeded).
+   Under torchrun the means, N and the candidates are those of the whole mini-batch over all processes: rank 0 draws
+   from all candidates (in rank order) and every process cuts its own, as one process on the whole batch would.
 5. PPO eps_low = eps_high = 1 (ratio clamp [0, 2]): the authors keep the PPO clamp only as a guard against extreme
    ratios; Clip-Cov does the clipping. losses/clipfrac is the PPO clamp's share, losses/clip_cov_selected the
    number of tokens Clip-Cov selects per optimizer step (a count, averaged over the step's optimizer steps).
@@ -108,6 +110,18 @@ class Args:
     final_eval_samples: int = 64
     """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
+    # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
+    bf16: bool = True
+    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more compute)"""
+    micro_batch_tokens: int = 0
+    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    rollout: Literal["generate", "static", "continuous"] = "generate"
+    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
+
     # Algorithm specific
     num_steps: int = 200
     """number of rollouts (training steps)"""
@@ -171,27 +185,44 @@ def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
     return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
+def global_mean(x, mask):
+    """Mean of x over the valid tokens of every process's rows (common.masked_mean in a single process)."""
+    return common.all_sum((x * mask).sum()) / common.all_sum(mask.sum()).clamp(min=1)
+
+
 def token_covariance(logp, advantages, mask):
     """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
-    means are over valid tokens only and padding gets 0. Its mean over valid tokens is the batch covariance."""
+    means are over valid tokens only (of all processes) and padding gets 0. Its mean over valid tokens is the batch
+    covariance."""
     logp, advantages = logp.detach(), advantages.detach()
-    centred_adv = advantages - common.masked_mean(advantages, mask)
-    centred_logp = logp - common.masked_mean(logp, mask)
+    centred_adv = advantages - global_mean(advantages, mask)
+    centred_logp = logp - global_mean(logp, mask)
     return centred_adv * centred_logp * mask
 
 
 def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_high: float, generator=None):
     """Tokens whose gradient Clip-Cov cuts: k = max(int(ratio * N), 1) drawn uniformly at random (not top-k) from the
     candidates (valid, not PPO-clipped, cov_low < cov < cov_high), or all candidates when fewer. cov, mask,
-    ppo_clipped: (B, T). Returns (selected (B, T) bool, number of candidates)."""
+    ppo_clipped: (B, T). Returns (selected (B, T) bool, number of candidates).
+    Under torchrun N and the candidates are those of all processes (in rank order): rank 0 draws with its generator,
+    every process gets the draw and keeps its own positions."""
     valid = mask.bool()
     candidates = valid & ~ppo_clipped & (cov > cov_low) & (cov < cov_high)
-    k = max(int(ratio * int(valid.sum())), 1)
-    candidate_positions = candidates.flatten().nonzero().squeeze(1)  # (n_candidates,)
-    draw = torch.randperm(len(candidate_positions), generator=generator)[:k].to(candidate_positions.device)
+    k = max(int(ratio * int(common.all_sum(valid.sum()))), 1)
+    candidate_positions = candidates.flatten().nonzero().squeeze(1)  # (n_candidates,) of this process
+    counts = torch.zeros(common.world_size(), dtype=torch.long, device=cov.device)
+    counts[common.rank()] = len(candidate_positions)
+    counts = common.all_sum(counts)  # every process's number of candidates
+    offset, n_candidates = int(counts[: common.rank()].sum()), int(counts.sum())
+    if common.is_main():
+        draw = torch.randperm(n_candidates, generator=generator)[:k].to(cov.device)
+    else:
+        draw = torch.zeros(min(k, n_candidates), dtype=torch.long, device=cov.device)
+    draw = common.all_sum(draw) - offset  # rank 0's draw, as positions in this process's candidates
+    draw = draw[(draw >= 0) & (draw < len(candidate_positions))]
     selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=cov.device)
     selected[candidate_positions[draw]] = True
-    return selected.view_as(candidates), len(candidate_positions)
+    return selected.view_as(candidates), n_candidates
 
 
 def clip_cov_loss(logp, old_logp, advantages, selected, eps_low: float, eps_high: float):
@@ -227,12 +258,15 @@ if __name__ == "__main__":
         raise common.UserInputError("need 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    common.seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    rank, world_size, device = common.init_distributed(args.cuda)
+    if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
+        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
@@ -241,12 +275,12 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                       backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
 
     if start_step == 1:
@@ -257,9 +291,9 @@ if __name__ == "__main__":
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
-        items = sampler.next_batch()
+        items = common.shard(sampler.next_batch())  # this process's prompts
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
         verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
@@ -283,33 +317,38 @@ if __name__ == "__main__":
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for mb_start in range(0, args.batch_size, args.mini_batch_size):
-                mb = order[mb_start : mb_start + args.mini_batch_size]
-                mb_tokens = mask[mb].sum()
-                # the selection sees the whole mini-batch: a no-grad pass of the current policy, in the micro-batches'
-                # chunks so that its log-probs equal the gradient pass's exactly
+            order = torch.randperm(len(rewards), device=device)
+            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
+                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
+                micro_batches = common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens)
+                rows = torch.cat(micro_batches)  # the mini-batch's rows in the micro-batches' order
+                # the selection sees the whole mini-batch: a no-grad pass of the current policy, micro-batch by
+                # micro-batch so that its log-probs equal the gradient pass's exactly
                 with torch.no_grad():
-                    mb_logp = common.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb], response_len,
-                                                       args.temperature, chunk_size=args.micro_batch_size).logp  # (b, T)
-                    _, _, mb_ppo_clipped = ppo_clip_loss(mb_logp, old_logp[mb], advantages[mb], args.clip_eps_low,
+                    mb_logp = torch.cat([common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx],
+                                                                  response_len, args.temperature,
+                                                                  trim=args.micro_batch_tokens > 0).logp
+                                         for idx in micro_batches])  # (b, T)
+                    _, _, mb_ppo_clipped = ppo_clip_loss(mb_logp, old_logp[rows], advantages[rows], args.clip_eps_low,
                                                          args.clip_eps_high)
-                    mb_cov = token_covariance(mb_logp, advantages[mb], mask[mb])  # (b, T)
-                    selected, n_candidates = clip_cov_select(mb_cov, mask[mb], mb_ppo_clipped, args.clip_cov_ratio,
-                                                             args.clip_cov_lb, args.clip_cov_ub)  # (b, T)
+                    mb_cov = token_covariance(mb_logp, advantages[rows], mask[rows])  # (b, T)
+                    mb_selected, n_candidates = clip_cov_select(mb_cov, mask[rows], mb_ppo_clipped, args.clip_cov_ratio,
+                                                                args.clip_cov_lb, args.clip_cov_ub)  # (b, T)
+                    selected = torch.zeros_like(mask, dtype=torch.bool)
+                    selected[rows] = mb_selected  # (B, T)
                     sums["candidates"] += n_candidates
-                    sums["selected"] += selected.sum().item()
-                    sums["selected_cov"] += mb_cov[selected].sum().item()
-                    sums["selected_entropy"] += entropy[mb][selected].sum().item()
+                    sums["selected"] += mb_selected.sum().item()
+                    sums["selected_cov"] += mb_cov[mb_selected].sum().item()
+                    sums["selected_entropy"] += entropy[rows][mb_selected].sum().item()
                 optimizer.zero_grad()
-                for micro_start in range(0, len(mb), args.micro_batch_size):
-                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                for idx in micro_batches:
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature).logp  # (b, T)
-                    token_loss, ratio, clipped = clip_cov_loss(logp, old_logp[idx], advantages[idx],
-                                                               selected[micro_start : micro_start + args.micro_batch_size],
+                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                    token_loss, ratio, clipped = clip_cov_loss(logp, old_logp[idx], advantages[idx], selected[idx],
                                                                args.clip_eps_low, args.clip_eps_high)
-                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
+                    loss = world_size * aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens,
+                                                       args.mini_batch_size, args.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -317,7 +356,7 @@ if __name__ == "__main__":
                         sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
                         sums["tokens"] += mask[idx].sum().item()
                         sums["policy_loss"] += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
@@ -352,12 +391,16 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
-        # ALGO LOGIC: Clip-Cov metrics (counts per optimizer step; means over the selected tokens when there are any)
+        # ALGO LOGIC: Clip-Cov metrics (counts per optimizer step over the whole mini-batch, all processes; means over
+        # the selected tokens when there are any)
+        n_selected, selected_cov, selected_entropy = common.all_sum(torch.tensor(
+            [sums["selected"], sums["selected_cov"], sums["selected_entropy"]], dtype=torch.float64, device=device)).tolist()
         metrics["losses/clip_cov_candidates"] = sums["candidates"] / sums["optimizer_steps"]
-        metrics["losses/clip_cov_selected"] = sums["selected"] / sums["optimizer_steps"]
-        if sums["selected"]:
-            metrics["losses/clip_cov_selected_cov"] = sums["selected_cov"] / sums["selected"]
-            metrics["losses/clip_cov_selected_entropy"] = sums["selected_entropy"] / sums["selected"]
+        metrics["losses/clip_cov_selected"] = n_selected / sums["optimizer_steps"]
+        if n_selected:
+            metrics["losses/clip_cov_selected_cov"] = selected_cov / n_selected
+            metrics["losses/clip_cov_selected_entropy"] = selected_entropy / n_selected
+        metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
@@ -369,11 +412,10 @@ if __name__ == "__main__":
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
                                                           "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
 
     if args.save_model:
-        policy.save_pretrained(logger.run_dir / "model")
-        tokenizer.save_pretrained(logger.run_dir / "model")
-        print(f"model saved to {logger.run_dir / 'model'}")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
     logger.close()

@@ -36,6 +36,10 @@ Defaults are tuned for the embedded countdown benchmark (see benchmarks/results/
 defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl; k = 8 and the k/k threshold; clip 0.2 / 0.28; lr 1e-6;
 top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is the sampling distribution); all training prompts
 pre-sampled (--pool-prompts 10000 here).
+
+Under torchrun: each process pre-samples its share of the pool and all gather the verdicts, so every process holds
+the same D_pef and D_exp; every optimizer step's RL and rehearsal rows are split over the processes and L_exp and
+L_pef divide by their token counts summed over all processes (token-means over the global batches).
 """
 
 import math
@@ -105,6 +109,18 @@ class Args:
     """samples per test prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
     """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
+    bf16: bool = True
+    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more compute)"""
+    micro_batch_tokens: int = 0
+    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    rollout: Literal["generate", "static", "continuous"] = "generate"
+    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
 
     # Algorithm specific
     num_steps: int = 200
@@ -217,28 +233,43 @@ class RehearsalSet:
     mask: torch.Tensor  # (N, T) 1 up to and including the first EOS
     logp0: torch.Tensor  # (N, T) initial-model log-probs of the response tokens (temperature-scaled)
 
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) real tokens per row (prompt and response), for token-budget micro-batches."""
+        return self.attention_mask[:, : -self.mask.shape[1]].sum(-1) + self.mask.sum(-1).long()
+
 
 def presample_pool(policy, tokenizer, task, items: list[dict], args) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
     """Sample presample_k responses per item with the initial policy, printing progress. Returns the verdicts (N,) bool,
-    the item index of each response (N,), and (item index, prompt ids, response ids) for every correct response."""
+    the item index of each response (N,), and (item index, prompt ids, response ids) for every correct response, in
+    item order. Under torchrun each process samples its share of the items and every process gets all the results."""
+    share = math.ceil(len(items) / common.world_size())
+    first = common.rank() * share  # index of this process's first item
+    mine = items[first : first + share]
+    n_mine = len(mine)
+    mine = mine + items[: share - n_mine]  # equal shares: every process makes as many generate calls (FSDP needs it)
     prompts_per_chunk = max(1, 1024 // args.presample_k)
     correct, item_index, kept, start_time = [], [], [], time.time()
-    for start in range(0, len(items), prompts_per_chunk):
-        chunk = items[start : start + prompts_per_chunk]
+    for start in range(0, share, prompts_per_chunk):
+        chunk = mine[start : start + prompts_per_chunk]
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in chunk], args.presample_k, args.max_new_tokens,
-                            args.temperature, args.top_p, args.top_k)
+                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
         for b, i in enumerate(ro.prompt_index.tolist()):
+            if start + i >= n_mine:  # padding
+                continue
             ok = task.verify(chunk[i], ro.texts[b])[0]
             correct.append(ok)
-            item_index.append(start + i)
+            item_index.append(first + start + i)
             if ok:
                 prompt_ids = ro.input_ids[b, : ro.prompt_len][ro.attention_mask[b, : ro.prompt_len].bool()]
-                kept.append((start + i, prompt_ids, ro.response_ids[b][ro.response_mask[b].bool()]))
+                kept.append((first + start + i, prompt_ids.cpu(), ro.response_ids[b][ro.response_mask[b].bool()].cpu()))
         done = start + len(chunk)
-        if done == len(items) or (start // prompts_per_chunk) % 5 == 4:
-            print(f"pre-sampling with the initial model: {done}/{len(items)} prompts, "
-                  f"{sum(correct) / len(correct):.3f} correct, {time.time() - start_time:.0f} s", flush=True)
-    return torch.tensor(correct), torch.tensor(item_index), kept
+        if done == share or (start // prompts_per_chunk) % 5 == 4:  # this process's progress, scaled to the pool
+            print(f"pre-sampling with the initial model: {min(done * common.world_size(), len(items))}/{len(items)} "
+                  f"prompts, {sum(correct) / max(1, len(correct)):.3f} correct, {time.time() - start_time:.0f} s",
+                  flush=True)
+    correct, item_index, kept = common.gather_lists(correct), common.gather_lists(item_index), common.gather_lists(kept)
+    return torch.tensor(correct, dtype=torch.bool), torch.tensor(item_index, dtype=torch.long), kept
 
 
 def build_rehearsal_set(policy, responses: list[tuple], pad_id: int, args, device) -> RehearsalSet:
@@ -258,6 +289,22 @@ def build_rehearsal_set(policy, responses: list[tuple], pad_id: int, args, devic
     return RehearsalSet(input_ids, attention_mask, mask, logp0 * mask)
 
 
+def rehearsal_backward(policy, rehearsal: RehearsalSet, rows: torch.Tensor, args, sums: dict) -> None:
+    """Backward of eta * L_pef on this process's `rows` of the step's rehearsal batch, micro-batched; adds its metrics
+    to `sums`. L_pef is the token-mean over the whole batch (its tokens summed over all processes), and this
+    process's share is multiplied by the processes, since DDP/FSDP average the gradients."""
+    rehearsal_tokens = common.all_sum(rehearsal.mask[rows].sum())
+    for idx in common.micro_batches(rows, rehearsal.lengths, args.micro_batch_size, args.micro_batch_tokens):
+        logp = common.response_logprobs(policy, rehearsal.input_ids[idx], rehearsal.attention_mask[idx],
+                                        args.max_new_tokens, args.temperature, trim=args.micro_batch_tokens > 0).logp
+        f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence)  # (b, T) each
+        rehearsal_loss = common.world_size() * (f_u * rehearsal.mask[idx]).sum() / rehearsal_tokens
+        (args.eta * rehearsal_loss).backward()
+        sums["rehearsal_loss"] += rehearsal_loss.item()
+        sums["rehearsal_u"] += (u * rehearsal.mask[idx]).sum().item()
+        sums["rehearsal_tokens"] += rehearsal.mask[idx].sum().item()
+
+
 if __name__ == "__main__":
     args = common.resume_config(tyro.cli(Args), Args)
     args.batch_size = args.prompts_per_step * args.group_size
@@ -269,12 +316,17 @@ if __name__ == "__main__":
                                     "rehearsal_batch_size >= 1")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    common.seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    rank, world_size, device = common.init_distributed(args.cuda)
+    if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
+        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    if args.divergence != "reverse-kl" and args.rehearsal_batch_size % world_size:
+        raise common.UserInputError(f"rehearsal_batch_size must be a multiple of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
@@ -283,18 +335,18 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                       backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
 
     # ALGO LOGIC: split the pool with the initial model (js, forward-kl) or load the online reference (reverse-kl)
     ref_model, rehearsal, rehearsal_order = None, None, None
     if args.divergence == "reverse-kl":
-        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
+        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
         ref_model.eval().requires_grad_(False)
         args.exploration_prompts = len(train_items)
     elif args.resume:  # the split, the stored successes and both data orders come from the checkpoint, not a new pre-pass
@@ -308,7 +360,7 @@ if __name__ == "__main__":
             rehearsal_order.load_state_dict(checkpoint["rehearsal_order"])
     else:
         pool = train_items[: args.pool_prompts]
-        correct, pool_index, correct_responses = presample_pool(policy, tokenizer, task, pool, args)  # (N,), (N,)
+        correct, pool_index, correct_responses = presample_pool(policy, tokenizer, task, pool, args)  # (N,), (N,) whole pool
         in_rehearsal = split_pool(correct, pool_index, len(pool), args.rehearsal_threshold)  # (n_pool,)
         exploration_items = [item for item, keep in zip(pool, in_rehearsal.tolist()) if not keep]
         if not exploration_items:
@@ -333,9 +385,9 @@ if __name__ == "__main__":
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
-        items = sampler.next_batch()
+        items = common.shard(sampler.next_batch())  # this process's prompts
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
         verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
@@ -364,22 +416,21 @@ if __name__ == "__main__":
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for mb_start in range(0, args.batch_size, args.mini_batch_size):
-                mb = order[mb_start : mb_start + args.mini_batch_size]
-                mb_tokens = mask[mb].sum()
+            order = torch.randperm(len(rewards), device=device)
+            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
+                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
                 optimizer.zero_grad()
-                for micro_start in range(0, len(mb), args.micro_batch_size):
-                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                for idx in common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens):
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature).logp  # (b, T)
+                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
                     token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
                                                                args.clip_eps_high)
                     if ref_logp is not None:
                         kl = k3_kl(logp, ref_logp[idx])
                         token_loss = token_loss + args.eta * kl
                         sums["kl"] += (kl.detach() * mask[idx]).sum().item()
-                    loss = (token_loss * mask[idx]).sum() / mb_tokens  # L_exp: token-mean over the mini-batch
+                    # L_exp: token-mean over the mini-batch; this process's share, times the processes (DDP/FSDP average)
+                    loss = world_size * (token_loss * mask[idx]).sum() / mb_tokens
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -388,19 +439,10 @@ if __name__ == "__main__":
                         sums["tokens"] += mask[idx].sum().item()
                         sums["policy_loss"] += loss.item()
                 if rehearsal is not None:  # eta * L_pef: token-mean over a batch of stored base-model successes
-                    rows = torch.tensor(rehearsal_order.next_batch(), device=device)
-                    rehearsal_tokens = rehearsal.mask[rows].sum()
-                    for micro_start in range(0, len(rows), args.micro_batch_size):
-                        idx = rows[micro_start : micro_start + args.micro_batch_size]
-                        logp = common.response_logprobs(policy, rehearsal.input_ids[idx], rehearsal.attention_mask[idx],
-                                                        args.max_new_tokens, args.temperature).logp  # (b, T)
-                        f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence)
-                        rehearsal_loss = (f_u * rehearsal.mask[idx]).sum() / rehearsal_tokens
-                        (args.eta * rehearsal_loss).backward()
-                        sums["rehearsal_loss"] += rehearsal_loss.item()
-                        sums["rehearsal_u"] += (u * rehearsal.mask[idx]).sum().item()
-                        sums["rehearsal_tokens"] += rehearsal.mask[idx].sum().item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                    # the same global batch on every process (same seeded order), this process's share of it
+                    rows = torch.tensor(common.shard(rehearsal_order.next_batch()), device=device)
+                    rehearsal_backward(policy, rehearsal, rows, args, sums)
+                grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
@@ -443,6 +485,7 @@ if __name__ == "__main__":
         if rehearsal is not None:
             metrics["losses/rehearsal_loss"] = sums["rehearsal_loss"] / sums["optimizer_steps"]
             metrics["losses/rehearsal_u_mean"] = sums["rehearsal_u"] / sums["rehearsal_tokens"]
+        metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
@@ -454,7 +497,8 @@ if __name__ == "__main__":
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
                                                           "sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
                                                           "exploration_items": sampler.items,
                                                           "set_sizes": (args.rehearsal_prompts, args.exploration_prompts),
@@ -462,7 +506,5 @@ if __name__ == "__main__":
                                                           "rehearsal_order": rehearsal_order and rehearsal_order.state_dict()})
 
     if args.save_model:
-        policy.save_pretrained(logger.run_dir / "model")
-        tokenizer.save_pretrained(logger.run_dir / "model")
-        print(f"model saved to {logger.run_dir / 'model'}")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
     logger.close()

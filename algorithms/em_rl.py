@@ -31,6 +31,8 @@ Implementation details:
 7. 128 responses per step as GRPO's benchmark, grouped as the paper's n = 4: 32 prompts x 4.
 8. Not implemented: EM-INF (inference-time logit optimisation); it changes decoding, not training, and would need its
    own sampling loop in this file.
+9. Under torchrun each process holds whole groups: rewards and RLOO advantages are per response and per group (local);
+   the loss denominators (tokens, sequences) are the whole mini-batch's, summed over the processes.
 
 Defaults are tuned for the embedded countdown benchmark (benchmarks/results/em_rl.md): --reward-type sequence (the
 paper's best is token) and learning_rate 3e-5, 32 prompts x 4. On the tiny model the token-entropy reward does not
@@ -107,6 +109,18 @@ class Args:
     """samples per test prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
     """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
+    bf16: bool = True
+    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more compute)"""
+    micro_batch_tokens: int = 0
+    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    rollout: Literal["generate", "static", "continuous"] = "generate"
+    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
 
     # Algorithm specific
     num_steps: int = 200
@@ -216,12 +230,15 @@ if __name__ == "__main__":
         raise common.UserInputError("--entropy-coef is an EM-RL term; EM-FT's loss already is the entropy")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    common.seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    rank, world_size, device = common.init_distributed(args.cuda)
+    if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
+        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
@@ -230,18 +247,18 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                       backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
 
     # ALGO LOGIC: the frozen reference model exists only when the KL term is on
     ref_model = None
     if args.beta > 0:
-        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device)
+        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
         ref_model.eval().requires_grad_(False)
 
     if start_step == 1:
@@ -252,9 +269,9 @@ if __name__ == "__main__":
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
-        items = sampler.next_batch()
+        items = common.shard(sampler.next_batch())  # this process's prompts
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
         verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
@@ -289,16 +306,14 @@ if __name__ == "__main__":
         policy.train()
         entropy_in_loss = args.method == "em-ft" or args.entropy_coef != 0
         for epoch in range(args.num_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for mb_start in range(0, args.batch_size, args.mini_batch_size):
-                mb = order[mb_start : mb_start + args.mini_batch_size]
-                mb_tokens = mask[mb].sum()
+            order = torch.randperm(len(rewards), device=device)
+            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
+                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
                 optimizer.zero_grad()
-                for micro_start in range(0, len(mb), args.micro_batch_size):
-                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                for idx in common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens):
                     stats = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
                                                      args.temperature, with_entropy=entropy_in_loss,
-                                                     entropy_grad=entropy_in_loss)
+                                                     entropy_grad=entropy_in_loss, trim=args.micro_batch_tokens > 0)
                     logp = stats.logp  # (b, T)
                     if args.method == "em-rl":
                         token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
@@ -312,7 +327,9 @@ if __name__ == "__main__":
                         kl = k3_kl(logp, ref_logp[idx])
                         token_loss = token_loss + args.beta * kl
                         sums["kl"] += (kl.detach() * mask[idx]).sum().item()
-                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
+                    loss = world_size * aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens,
+                                                       args.mini_batch_size, args.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -320,7 +337,7 @@ if __name__ == "__main__":
                         sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
                         sums["tokens"] += mask[idx].sum().item()
                         sums["policy_loss"] += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
@@ -362,6 +379,7 @@ if __name__ == "__main__":
             type_rewards = self_certainty_rewards(old_logp, entropy, mask, reward_type, "mean")  # (B,)
             metrics[f"charts/em_{reward_type}_reward"] = type_rewards.mean().item()
         metrics["charts/em_advantage_abs_mean"] = seq_advantages.abs().mean().item()
+        metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
@@ -373,11 +391,10 @@ if __name__ == "__main__":
                                            "reward": em_rewards[b].item(), "correct": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
                                                           "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
 
     if args.save_model:
-        policy.save_pretrained(logger.run_dir / "model")
-        tokenizer.save_pretrained(logger.run_dir / "model")
-        print(f"model saved to {logger.run_dir / 'model'}")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
     logger.close()

@@ -22,9 +22,10 @@ Implementation details:
    approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
    over the mini-batch gives its detached logp; the covariance and the top-k set come from it, then the usual
    micro-batched forward/backward applies the penalty. The extra pass costs one forward per mini-batch; memory stays
-   bounded by micro_batch_size. The pass runs in the same chunks as the gradient pass, so their log-probs are equal.
+   bounded by micro_batch_size. The pass runs in the gradient pass's micro-batches, so their log-probs are equal.
 4. The covariance uses masked means over the mini-batch's valid tokens only; padding is never selected. Top-k is
-   deterministic (torch.topk), with no covariance bounds.
+   deterministic (torch.topk), with no covariance bounds. Under torchrun the means, N and the top-k are those of the
+   whole mini-batch over all processes: top-k of every process's covariances (in rank order), each keeps its own.
 5. The KL estimate is the code's k1-abs |logp - old_logp|, with beta = 1 (set explicitly: one framework's config
    default of 0.1 is wrong for this method). losses/clipfrac is 0 by construction (no clipping); losses/approx_kl is
    the usual k3 over all tokens; losses/clip_cov_selected is the number of penalised tokens per optimizer step (a count;
@@ -109,6 +110,18 @@ class Args:
     final_eval_samples: int = 64
     """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
+    # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
+    bf16: bool = True
+    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more compute)"""
+    micro_batch_tokens: int = 0
+    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    rollout: Literal["generate", "static", "continuous"] = "generate"
+    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
+
     # Algorithm specific
     num_steps: int = 200
     """number of rollouts (training steps)"""
@@ -157,21 +170,44 @@ def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rew
     return advantages, stds < 1e-8
 
 
+def global_mean(x, mask):
+    """Mean of x over the valid tokens of every process's rows (common.masked_mean in a single process)."""
+    return common.all_sum((x * mask).sum()) / common.all_sum(mask.sum()).clamp(min=1)
+
+
 def token_covariance(logp, advantages, mask):
     """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
-    means are over valid tokens only and padding gets 0. Its mean over valid tokens is the batch covariance."""
+    means are over valid tokens only (of all processes) and padding gets 0. Its mean over valid tokens is the batch
+    covariance."""
     logp, advantages = logp.detach(), advantages.detach()
-    centred_adv = advantages - common.masked_mean(advantages, mask)
-    centred_logp = logp - common.masked_mean(logp, mask)
+    centred_adv = advantages - global_mean(advantages, mask)
+    centred_logp = logp - global_mean(logp, mask)
     return centred_adv * centred_logp * mask
+
+
+def concat_over_processes(x):
+    """Every process's 1-D tensor x concatenated in rank order, bit for bit, and the offset of this process's part in
+    it; x itself and 0 in a single process."""
+    if common.world_size() == 1:
+        return x, 0
+    sizes = torch.zeros(common.world_size(), dtype=torch.long, device=x.device)
+    sizes[common.rank()] = len(x)
+    sizes = common.all_sum(sizes).tolist()
+    parts = [torch.empty(max(sizes), dtype=x.dtype, device=x.device) for _ in sizes]
+    torch.distributed.all_gather(parts, torch.nn.functional.pad(x, (0, max(sizes) - len(x))))  # equal sizes
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)]), sum(sizes[: common.rank()])
 
 
 def kl_cov_select(cov, mask, ratio: float):
     """Tokens that get the KL-Cov penalty: the k = max(int(ratio * N), 1) valid tokens of largest cov (deterministic
-    top-k, no bounds), N = number of valid tokens. cov, mask: (B, T). Returns selected (B, T) bool."""
+    top-k, no bounds), N = number of valid tokens. cov, mask: (B, T). Returns selected (B, T) bool.
+    Under torchrun N and the top-k are over all processes' tokens (torch.topk of their concatenation in rank order)."""
     valid = mask.bool()
-    k = min(max(int(ratio * int(valid.sum())), 1), int(valid.sum()))
-    top = cov.masked_fill(~valid, float("-inf")).flatten().topk(k).indices  # (k,)
+    n_valid = int(common.all_sum(valid.sum()))
+    k = min(max(int(ratio * n_valid), 1), n_valid)
+    scores, offset = concat_over_processes(cov.masked_fill(~valid, float("-inf")).flatten())
+    top = scores.topk(k).indices - offset  # (k,), positions in this process's cov when in [0, cov.numel())
+    top = top[(top >= 0) & (top < cov.numel())]
     selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
     selected[top] = True
     return selected.view_as(cov)
@@ -215,12 +251,15 @@ if __name__ == "__main__":
         print("note: one optimizer step per rollout keeps the KL-Cov penalty at zero (plain policy gradient)")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    common.seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    rank, world_size, device = common.init_distributed(args.cuda)
+    if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
+        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
@@ -229,12 +268,12 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                       backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
 
     if start_step == 1:
@@ -245,9 +284,9 @@ if __name__ == "__main__":
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
-        items = sampler.next_batch()
+        items = common.shard(sampler.next_batch())  # this process's prompts
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
         verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
@@ -271,29 +310,34 @@ if __name__ == "__main__":
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for mb_start in range(0, args.batch_size, args.mini_batch_size):
-                mb = order[mb_start : mb_start + args.mini_batch_size]
-                mb_tokens = mask[mb].sum()
-                # the selection sees the whole mini-batch: a no-grad pass of the current policy, in the micro-batches'
-                # chunks so that its log-probs equal the gradient pass's exactly
+            order = torch.randperm(len(rewards), device=device)
+            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
+                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
+                micro_batches = common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens)
+                rows = torch.cat(micro_batches)  # the mini-batch's rows in the micro-batches' order
+                # the selection sees the whole mini-batch: a no-grad pass of the current policy, micro-batch by
+                # micro-batch so that its log-probs equal the gradient pass's exactly
                 with torch.no_grad():
-                    mb_logp = common.response_logprobs(policy, ro.input_ids[mb], ro.attention_mask[mb], response_len,
-                                                       args.temperature, chunk_size=args.micro_batch_size).logp  # (b, T)
-                    mb_cov = token_covariance(mb_logp, advantages[mb], mask[mb])  # (b, T)
-                    selected = kl_cov_select(mb_cov, mask[mb], args.kl_cov_ratio)  # (b, T)
-                    sums["selected"] += selected.sum().item()
-                    sums["selected_cov"] += mb_cov[selected].sum().item()
-                    sums["selected_entropy"] += entropy[mb][selected].sum().item()
+                    mb_logp = torch.cat([common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx],
+                                                                  response_len, args.temperature,
+                                                                  trim=args.micro_batch_tokens > 0).logp
+                                         for idx in micro_batches])  # (b, T)
+                    mb_cov = token_covariance(mb_logp, advantages[rows], mask[rows])  # (b, T)
+                    mb_selected = kl_cov_select(mb_cov, mask[rows], args.kl_cov_ratio)  # (b, T)
+                    selected = torch.zeros_like(mask, dtype=torch.bool)
+                    selected[rows] = mb_selected  # (B, T)
+                    sums["selected"] += mb_selected.sum().item()
+                    sums["selected_cov"] += mb_cov[mb_selected].sum().item()
+                    sums["selected_entropy"] += entropy[rows][mb_selected].sum().item()
                 optimizer.zero_grad()
-                for micro_start in range(0, len(mb), args.micro_batch_size):
-                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                for idx in micro_batches:
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature).logp  # (b, T)
-                    token_loss, ratio, penalty = kl_cov_loss(logp, old_logp[idx], advantages[idx],
-                                                             selected[micro_start : micro_start + args.micro_batch_size],
+                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                    token_loss, ratio, penalty = kl_cov_loss(logp, old_logp[idx], advantages[idx], selected[idx],
                                                              args.kl_cov_coef)
-                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
+                    loss = world_size * aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens,
+                                                       args.mini_batch_size, args.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -301,7 +345,7 @@ if __name__ == "__main__":
                         sums["penalty"] += (penalty * mask[idx]).sum().item()  # no clipping: clipfrac stays 0
                         sums["tokens"] += mask[idx].sum().item()
                         sums["policy_loss"] += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
@@ -336,11 +380,16 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
-        # ALGO LOGIC: KL-Cov metrics (count per optimizer step; means over the selected tokens)
-        metrics["losses/clip_cov_selected"] = sums["selected"] / sums["optimizer_steps"]
-        metrics["losses/clip_cov_selected_cov"] = sums["selected_cov"] / sums["selected"]
-        metrics["losses/clip_cov_selected_entropy"] = sums["selected_entropy"] / sums["selected"]
-        metrics["losses/kl_cov_penalty"] = sums["penalty"] / sums["selected"]
+        # ALGO LOGIC: KL-Cov metrics (count per optimizer step over the whole mini-batch, all processes; means over the
+        # selected tokens)
+        n_selected, selected_cov, selected_entropy, penalty_sum = common.all_sum(torch.tensor(
+            [sums["selected"], sums["selected_cov"], sums["selected_entropy"], sums["penalty"]], dtype=torch.float64,
+            device=device)).tolist()
+        metrics["losses/clip_cov_selected"] = n_selected / sums["optimizer_steps"]
+        metrics["losses/clip_cov_selected_cov"] = selected_cov / n_selected
+        metrics["losses/clip_cov_selected_entropy"] = selected_entropy / n_selected
+        metrics["losses/kl_cov_penalty"] = penalty_sum / n_selected
+        metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
@@ -352,11 +401,10 @@ if __name__ == "__main__":
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
                                                           "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
 
     if args.save_model:
-        policy.save_pretrained(logger.run_dir / "model")
-        tokenizer.save_pretrained(logger.run_dir / "model")
-        print(f"model saved to {logger.run_dir / 'model'}")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
     logger.close()

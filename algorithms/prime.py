@@ -40,6 +40,10 @@ Implementation details:
 8. Metrics comparable with grpo.py (accuracy, entropy, lengths, frac_zero_std_groups) cover all sampled responses;
    losses/cov uses the advantage tensor of all sampled responses, where the filtered-out ones have A = 0 (as GRPO's
    all-equal groups do).
+9. Under torchrun each process filters its own prompts, so the processes keep different numbers of responses (maybe
+   none). Everything over the kept batch is global (the process-reward scale, the whitening, the PRM's and the policy's
+   denominators, the mini-batches, cut from the global kept batch as one process would), and every process pads its
+   part of each mini-batch with zero-weight rows to the largest part, so all make the same forward/backward calls.
 
 Defaults are tuned for the embedded countdown benchmark. Paper/real-model defaults: learning_rate 5e-7,
 prm_learning_rate 1e-6, prm_beta 0.05, group_size 4, prompt batch 256 (original) / 64 (verl, oversampled 4x), PPO eps
@@ -116,6 +120,18 @@ class Args:
     final_eval_samples: int = 64
     """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
+    # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
+    bf16: bool = True
+    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more compute)"""
+    micro_batch_tokens: int = 0
+    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    rollout: Literal["generate", "static", "continuous"] = "generate"
+    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
+
     # Algorithm specific
     num_steps: int = 200
     """number of rollouts (training steps)"""
@@ -188,23 +204,25 @@ def prm_reference_logprobs(prm_ref, old_logp, input_ids, attention_mask, respons
     return common.response_logprobs(prm_ref, input_ids, attention_mask, response_len, temperature, chunk_size=chunk_size).logp
 
 
-def prm_ce_loss(q, mask, acc, beta: float, total_seqs=None):
+def prm_ce_loss(q, mask, acc, beta: float, total_seqs=None, weight=None):
     """Cross-entropy of the implicit PRM on outcome labels, BCE(sigmoid(beta * sum_t q_t), acc), summed over this batch
     and divided by `total_seqs` (the whole optimizer step's count when this is one micro-batch of it; default: this
-    batch). q, mask: (b, T); acc: (b,). Gradient flows through q, i.e. through log pi_phi only."""
+    batch). q, mask: (b, T); acc, weight: (b,), weight 0 leaves a row out. Gradient flows through q, i.e. through
+    log pi_phi only."""
     total_seqs = acc.shape[0] if total_seqs is None else total_seqs
-    return F.binary_cross_entropy_with_logits(beta * (q * mask).sum(-1), acc, reduction="sum") / total_seqs
+    return F.binary_cross_entropy_with_logits(beta * (q * mask).sum(-1), acc, weight=weight, reduction="sum") / total_seqs
 
 
 def pairwise_ranking_accuracy(seq_scores, acc, prompt_index) -> float:
-    """Share of the pairs (correct, wrong) within one group where the correct response has the higher score; a tie
-    counts one half; 0.5 when no group has such a pair. All (B,)."""
+    """Share of the pairs (correct, wrong) within one group where the correct response has the higher score, pooled over
+    the processes; a tie counts one half; 0.5 when no group has such a pair. All (B,)."""
     correct_over_wrong = (prompt_index[:, None] == prompt_index[None, :]) & (acc[:, None] > acc[None, :])  # (B, B)
-    if not correct_over_wrong.any():
+    pairs = common.all_sum(correct_over_wrong.sum())
+    if not pairs:
         return 0.5
     diff = seq_scores[:, None] - seq_scores[None, :]  # (B, B) score of row minus score of column
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
-    return (wins[correct_over_wrong].sum() / correct_over_wrong.sum()).item()
+    return (common.all_sum(wins[correct_over_wrong].sum()) / pairs).item()
 
 
 def discounted_returns(rewards, mask, gamma: float):
@@ -219,9 +237,10 @@ def discounted_returns(rewards, mask, gamma: float):
 
 
 def normalise_process_rewards(rewards, mask, eps: float = 1e-6):
-    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum|, so that every process
-    return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
-    scale = discounted_returns(rewards, mask, 1.0).abs().max() + eps
+    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum| over all processes, so that
+    every process return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
+    returns = discounted_returns(rewards, mask, 1.0).abs()
+    scale = common.all_max(returns.max() if returns.numel() else returns.new_zeros(())) + eps  # a process may keep none
     return rewards * mask / scale, scale
 
 
@@ -236,7 +255,7 @@ def leave_one_out(scores, score_mask, prompt_index):
     With m_i the mean of row i over its masked positions and n the size of its group:
     scores * n / (n - 1) - sum_{j in group} m_j / (n - 1) at the masked positions, 0 elsewhere. For the outcome source
     (acc at the last token only) this is acc_i - mean_{j != i} acc_j: acc [1, 0, 0, 1] -> [2/3, -2/3, -2/3, 2/3]."""
-    n_groups = int(prompt_index.max()) + 1
+    n_groups = int(prompt_index.max()) + 1 if len(prompt_index) else 0  # a process may keep no response
     sizes = torch.bincount(prompt_index, minlength=n_groups)  # (n_groups,)
     if (sizes[prompt_index] < 2).any():
         raise ValueError("leave-one-out baselines need at least 2 responses in every group")
@@ -247,10 +266,41 @@ def leave_one_out(scores, score_mask, prompt_index):
 
 
 def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch (unbiased variance); 0 at padding. (B, T)."""
-    mean = common.masked_mean(x, mask)
-    var = (((x - mean) * mask) ** 2).sum() / (mask.sum() - 1).clamp(min=1)
+    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch, all processes together (unbiased
+    variance); 0 at padding. (B, T)."""
+    n_tokens = common.all_sum(mask.sum())
+    mean = common.all_sum((x * mask).sum()) / n_tokens.clamp(min=1)
+    var = common.all_sum((((x - mean) * mask) ** 2).sum()) / (n_tokens - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
+
+
+def prime_advantages(q, mask, acc, prompt_index, beta: float, gamma: float):
+    """Advantages of the kept responses from the PRM's q and mask (K, T), outcomes acc and groups prompt_index (K,):
+    process rewards beta q scaled by the batch's largest return, leave-one-out per source, summed, discounted into
+    returns and whitened over the batch. Returns (advantages (K, T), the process-reward scale)."""
+    process_rewards, process_scale = normalise_process_rewards(beta * q, mask)  # (K, T), ()
+    last_token = last_token_mask(mask)  # (K, T)
+    outcome_advantages = leave_one_out(acc[:, None] * last_token, last_token, prompt_index)
+    process_advantages = leave_one_out(process_rewards, mask, prompt_index)
+    returns = discounted_returns(outcome_advantages + process_advantages, mask, gamma)
+    return masked_whiten(returns, mask), process_scale
+
+
+def mini_batch_parts(kept_rows, order, n_mini_batches: int):
+    """This process's part of each mini-batch of the kept responses of all processes: [(rows (m,), weights (m,))].
+
+    The global kept batch is numbered rank by rank (one process's numbering); `order` (K_all,), the same on every
+    process, puts it in training order, cut into n_mini_batches contiguous mini-batches as one process would. Parts
+    are padded to the largest one with fillers (row 0, weight 0), so that every process runs as many micro-batches."""
+    first = sum(common.gather_lists([len(kept_rows)])[: common.rank()])  # global number of this process's first row
+    mine = [part[(part >= first) & (part < first + len(kept_rows))] - first for part in order.tensor_split(n_mini_batches)]
+    sizes = common.all_max(torch.tensor([len(part) for part in mine], device=order.device)).tolist()
+    parts = []
+    for part, size in zip(mine, sizes):
+        rows = torch.cat([kept_rows[part], kept_rows.new_zeros(size - len(part))])
+        weights = torch.cat([torch.ones(len(part)), torch.zeros(size - len(part))]).to(order.device)
+        parts.append((rows, weights))
+    return parts
 
 
 def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
@@ -287,12 +337,15 @@ if __name__ == "__main__":
         raise common.UserInputError("need 0 <= acc_low <= acc_high <= 1, prm_beta > 0 and 0 <= gamma <= 1")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    common.seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    rank, world_size, device = common.init_distributed(args.cuda)
+    if args.prompts_per_step % world_size:
+        raise common.UserInputError(f"prompts_per_step must be a multiple of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
@@ -301,25 +354,25 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                       backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
 
     # ALGO LOGIC: the implicit PRM (trained) and its frozen reference (with --prm-ref policy: the policy's old log-probs)
-    prm, _ = common.load_model_and_tokenizer(args.model_name, device)
+    prm, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    prm = common.data_parallel(prm, args.fsdp)
     prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=0.0)
     prm_ref = None
     if args.prm_ref == "freeze":
-        prm_ref, _ = common.load_model_and_tokenizer(args.model_name, device)
+        prm_ref, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
         prm_ref.eval().requires_grad_(False)
     empty_steps = 0
     if args.resume:
-        prm.load_state_dict(checkpoint["prm"])
-        prm_optimizer.load_state_dict(checkpoint["prm_optimizer"])
+        common.load_full_state_dicts(prm, prm_optimizer, checkpoint["prm"], checkpoint["prm_optimizer"])
         empty_steps = checkpoint["empty_steps"]
 
     if start_step == 1:
@@ -330,9 +383,9 @@ if __name__ == "__main__":
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
-        items = sampler.next_batch()
+        items = common.shard(sampler.next_batch())  # this process's prompts
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
         verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
@@ -352,7 +405,9 @@ if __name__ == "__main__":
                                               args.filter_truncated)  # (n_prompts,) each
         zero_std = (group_acc == 0) | (group_acc == 1)  # rewards are 0/1: all-equal groups, logged as in grpo.py
         kept_rows = keep_prompt[ro.prompt_index].nonzero().squeeze(-1)  # (K,) the responses of the kept prompts
-        n_mini_batches = min(args.num_mini_batches, len(kept_rows))  # 0: nothing to train on, no update this step
+        kept_counts = common.gather_lists([len(kept_rows)])  # every process's K
+        n_kept = sum(kept_counts)
+        n_mini_batches = min(args.num_mini_batches, n_kept)  # 0: nothing to train on, no update this step
         empty_steps += int(n_mini_batches == 0)
         prime_metrics = {"charts/kept_frac": keep_prompt.float().mean().item(), "charts/empty_steps": empty_steps}
 
@@ -360,49 +415,53 @@ if __name__ == "__main__":
         prm_start = time.time()
         if n_mini_batches:
             kept_mask, kept_acc, kept_index = mask[kept_rows], rewards[kept_rows], ro.prompt_index[kept_rows]  # (K, T), (K,)
-            kept_ids, kept_attention = ro.input_ids[kept_rows], ro.attention_mask[kept_rows]
-            ref_logp = prm_reference_logprobs(prm_ref, old_logp[kept_rows], kept_ids, kept_attention, response_len,
-                                              args.temperature, args.micro_batch_size)  # (K, T)
-            q_before = torch.zeros_like(kept_mask)  # (K, T) q of the loss's forward pass, before the PRM's step
+            ref_logp = torch.zeros_like(mask)  # (B, T) log pi_ref, at the kept rows
+            if len(kept_rows):  # the frozen reference is no collective: this process alone
+                ref_logp[kept_rows] = prm_reference_logprobs(prm_ref, old_logp[kept_rows], ro.input_ids[kept_rows],
+                                                             ro.attention_mask[kept_rows], response_len, args.temperature,
+                                                             args.micro_batch_size)
+            q_before = torch.zeros_like(mask)  # (B, T) q of the loss's forward pass, before the PRM's step
             prm_sums = defaultdict(float)
             prm.train()
-            for mb in torch.arange(len(kept_rows), device=device).tensor_split(n_mini_batches):
+            for rows, weights in mini_batch_parts(kept_rows, torch.arange(n_kept, device=device), n_mini_batches):
+                n_seqs = common.all_sum(weights.sum())  # the whole mini-batch's responses, over all processes
                 prm_optimizer.zero_grad()
-                for idx in mb.split(args.micro_batch_size):
-                    prm_logp = common.response_logprobs(prm, kept_ids[idx], kept_attention[idx], response_len,
-                                                        args.temperature).logp  # (b, T)
-                    q = (prm_logp - ref_logp[idx]) * kept_mask[idx]
-                    prm_loss = prm_ce_loss(q, kept_mask[idx], kept_acc[idx], args.prm_beta, len(mb))
+                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.lengths[rows],
+                                                 args.micro_batch_size, args.micro_batch_tokens):
+                    idx, weight = rows[part], weights[part]  # weight 0: a filler
+                    prm_logp = common.response_logprobs(prm, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                                                        args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                    q = (prm_logp - ref_logp[idx]) * mask[idx]
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
+                    prm_loss = world_size * prm_ce_loss(q, mask[idx], rewards[idx], args.prm_beta, n_seqs, weight)
                     prm_loss.backward()
-                    q_before[idx] = q.detach()
+                    q_before[idx[weight > 0]] = q.detach()[weight > 0]
                     prm_sums["loss"] += prm_loss.item()
-                prm_grad_norm = torch.nn.utils.clip_grad_norm_(prm.parameters(), args.prm_max_grad_norm)
+                prm_grad_norm = common.clip_grad_norm(prm, args.prm_max_grad_norm)
                 if guard.step_ok(prm_grad_norm):  # a non-finite PRM loss or gradient skips its step too
                     prm_optimizer.step()
                     prm_sums["grad_norm"] += prm_grad_norm.item()
                     prm_sums["applied_steps"] += 1
+            padded = torch.cat([kept_rows, kept_rows.new_zeros(max(kept_counts) - len(kept_rows))])  # as many passes
             with torch.no_grad():
-                q_after = (common.response_logprobs(prm, kept_ids, kept_attention, response_len, args.temperature,
-                                                    chunk_size=args.micro_batch_size).logp - ref_logp) * kept_mask
-            q = q_before if args.prm_update == "after" else q_after
+                prm_logp = common.response_logprobs(prm, ro.input_ids[padded], ro.attention_mask[padded], response_len,
+                                                    args.temperature, chunk_size=args.micro_batch_size).logp
+                q_after = (prm_logp[: len(kept_rows)] - ref_logp[kept_rows]) * kept_mask
+            q = q_before[kept_rows] if args.prm_update == "after" else q_after  # (K, T)
             prime_metrics.update({
                 "losses/prm_loss": prm_sums["loss"] / n_mini_batches,
                 "losses/prm_grad_norm": prm_sums["grad_norm"] / max(1, prm_sums["applied_steps"]),
-                "charts/prm_acc_before": pairwise_ranking_accuracy(q_before.sum(-1), kept_acc, kept_index),
+                "charts/prm_acc_before": pairwise_ranking_accuracy(q_before[kept_rows].sum(-1), kept_acc, kept_index),
                 "charts/prm_acc_after": pairwise_ranking_accuracy(q_after.sum(-1), kept_acc, kept_index),
-                "charts/prm_q_sum_mean": q.sum(-1).mean().item(),
+                "charts/prm_q_sum_mean": (common.all_sum(q.sum(-1).sum()) / n_kept).item(),
             })
         prime_metrics["time/prm"] = time.time() - prm_start
 
         # ALGO LOGIC: advantages (leave-one-out per reward source, summed, returns, whitened over the kept tokens)
         advantages = torch.zeros_like(mask)  # (B, T); the filtered-out responses keep A = 0
         if n_mini_batches:
-            process_rewards, process_scale = normalise_process_rewards(args.prm_beta * q, kept_mask)  # (K, T), ()
-            last_token = last_token_mask(kept_mask)  # (K, T)
-            outcome_advantages = leave_one_out(kept_acc[:, None] * last_token, last_token, kept_index)
-            process_advantages = leave_one_out(process_rewards, kept_mask, kept_index)
-            returns = discounted_returns(outcome_advantages + process_advantages, kept_mask, args.gamma)
-            advantages[kept_rows] = masked_whiten(returns, kept_mask)
+            kept_advantages, process_scale = prime_advantages(q, kept_mask, kept_acc, kept_index, args.prm_beta, args.gamma)
+            advantages[kept_rows] = kept_advantages
             prime_metrics["charts/process_reward_scale"] = process_scale.item()
 
         # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps over the kept responses, micro-batched)
@@ -410,25 +469,29 @@ if __name__ == "__main__":
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs if n_mini_batches else 0):
-            order = kept_rows[torch.randperm(len(kept_rows), device=device)]
-            for mb in order.tensor_split(n_mini_batches):
-                mb_tokens = mask[mb].sum()
+            order = common.all_sum(torch.randperm(n_kept, device=device) * common.is_main())  # rank 0's shuffle
+            for rows, weights in mini_batch_parts(kept_rows, order, n_mini_batches):
+                train_mask = mask[rows] * weights[:, None]  # a filler has no token
+                mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())  # over all processes
                 optimizer.zero_grad()
-                for micro_start in range(0, len(mb), args.micro_batch_size):
-                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.lengths[rows],
+                                                 args.micro_batch_size, args.micro_batch_tokens):
+                    idx, idx_mask = rows[part], train_mask[part]
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature).logp  # (b, T)
+                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
                     token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
                                                                args.clip_eps_high)
-                    loss = aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens, len(mb), args.max_new_tokens)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
+                    loss = world_size * aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens, n_seqs,
+                                                       args.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
-                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
-                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
-                        sums["tokens"] += mask[idx].sum().item()
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * idx_mask).sum().item()
+                        sums["clipfrac"] += (clipped.float() * idx_mask).sum().item()
+                        sums["tokens"] += idx_mask.sum().item()
                         sums["policy_loss"] += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
@@ -436,6 +499,8 @@ if __name__ == "__main__":
                 sums["optimizer_steps"] += 1
         if not n_mini_batches:  # a step with no kept prompt trains nothing: its loss metrics are logged as NaN, not as 0
             sums.update(optimizer_steps=math.nan, tokens=math.nan)
+        token_sums = torch.tensor([sums["approx_kl"], sums["clipfrac"], sums["tokens"]], dtype=torch.float64, device=device)
+        sums["approx_kl"], sums["clipfrac"], sums["tokens"] = common.all_sum(token_sums).tolist()  # a process may have none
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: logging
@@ -466,6 +531,7 @@ if __name__ == "__main__":
             "time/step": time_step,
         }
         metrics.update(prime_metrics)
+        metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
@@ -477,13 +543,13 @@ if __name__ == "__main__":
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
+            prm_state, prm_optimizer_state = common.full_state_dicts(prm, prm_optimizer)
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
                                                           "sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
-                                                          "prm": prm.state_dict(), "prm_optimizer": prm_optimizer.state_dict(),
+                                                          "prm": prm_state, "prm_optimizer": prm_optimizer_state,
                                                           "empty_steps": empty_steps})
 
     if args.save_model:
-        policy.save_pretrained(logger.run_dir / "model")
-        tokenizer.save_pretrained(logger.run_dir / "model")
-        print(f"model saved to {logger.run_dir / 'model'}")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
     logger.close()

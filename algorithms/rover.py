@@ -26,6 +26,8 @@ Implementation details:
    the model's full (padded) vocabulary, as the authors' code.
 6. Gradient clipping at max_grad_norm; AdamW with constant learning rate, no weight decay; token-mean aggregation over
    the whole mini-batch (micro-batches only bound memory).
+7. Under torchrun each process holds whole groups: centred rewards, Q and targets are per response and per group
+   (local); the token-mean denominator is the whole mini-batch's token count, summed over the processes.
 
 Defaults are tuned for the embedded countdown benchmark (see benchmarks/results/dph_rl_rover.md): learning_rate 2.5e-5,
 i.e. GRPO's 1e-4 per rollout spread over the 4 mini-batches (1e-4 per mini-batch sharpened the policy more than GRPO:
@@ -40,6 +42,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import tyro
@@ -99,6 +102,18 @@ class Args:
     """samples per test prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
     """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+
+    # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
+    bf16: bool = True
+    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in the backward pass (less memory, about a third more compute)"""
+    micro_batch_tokens: int = 0
+    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    rollout: Literal["generate", "static", "continuous"] = "generate"
+    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    fsdp: bool = False
+    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
 
     # Algorithm specific
     num_steps: int = 200
@@ -170,12 +185,15 @@ if __name__ == "__main__":
         raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: seeding
-    common.seed_everything(args.seed, args.torch_deterministic)
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    rank, world_size, device = common.init_distributed(args.cuda)
+    if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
+        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
@@ -184,12 +202,12 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        policy.load_state_dict(checkpoint["policy"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k)
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
+                       backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
 
     if start_step == 1:
@@ -200,9 +218,9 @@ if __name__ == "__main__":
         step_start = time.time()
 
         # TRY NOT TO MODIFY: rollout and rewards
-        items = sampler.next_batch()
+        items = common.shard(sampler.next_batch())  # this process's prompts
         ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k)
+                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
         verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
@@ -228,19 +246,19 @@ if __name__ == "__main__":
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(args.batch_size, device=device)
-            for mb_start in range(0, args.batch_size, args.mini_batch_size):
-                mb = order[mb_start : mb_start + args.mini_batch_size]
-                mb_tokens = mask[mb].sum()
+            order = torch.randperm(len(rewards), device=device)
+            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
+                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
                 optimizer.zero_grad()
-                for micro_start in range(0, len(mb), args.micro_batch_size):
-                    idx = mb[micro_start : micro_start + args.micro_batch_size]
+                for idx in common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens):
                     current = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                       args.temperature, with_vocab_mean=True)
+                                                       args.temperature, with_vocab_mean=True,
+                                                       trim=args.micro_batch_tokens > 0)
                     token_loss, q, next_value = rover_loss(current.logp, old_logp[idx], current.vocab_mean,
                                                            old_vocab_mean[idx], centred_rewards[idx], mask[idx],
                                                            args.rho, args.beta)  # (b, T) each
-                    loss = (token_loss * mask[idx]).sum() / mb_tokens  # token-mean over the whole mini-batch
+                    # token-mean over the whole mini-batch, times the processes: DDP/FSDP average gradients
+                    loss = world_size * (token_loss * mask[idx]).sum() / mb_tokens
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = current.logp - old_logp[idx]
@@ -249,7 +267,7 @@ if __name__ == "__main__":
                         sums["next_value"] += (next_value * mask[idx]).sum().item()
                         sums["tokens"] += mask[idx].sum().item()
                         sums["policy_loss"] += loss.item()
-                grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+                grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
@@ -288,6 +306,7 @@ if __name__ == "__main__":
         metrics["losses/q_loss"] = metrics["losses/policy_loss"]
         metrics["losses/q_mean"] = sums["q"] / sums["tokens"]
         metrics["losses/next_value_mean"] = sums["next_value"] / sums["tokens"]
+        metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
@@ -299,11 +318,10 @@ if __name__ == "__main__":
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
+            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
                                                           "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
 
     if args.save_model:
-        policy.save_pretrained(logger.run_dir / "model")
-        tokenizer.save_pretrained(logger.run_dir / "model")
-        print(f"model saved to {logger.run_dir / 'model'}")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
     logger.close()

@@ -3,9 +3,12 @@ loaders for the algorithm scripts (they are scripts, not a package)."""
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ["WANDB_MODE"] = "disabled"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -60,3 +63,67 @@ def sample_batch(model, tokenizer):
     torch.manual_seed(0)
     ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=8)
     return ro, ro.response_mask.float(), ro.response_ids.shape[1]
+
+
+def run_distributed(fn, *args, world_size: int = 2) -> list:
+    """Run `fn(*args)` in `world_size` processes joined in a gloo process group on this machine (what torchrun sets
+    up, through `common.init_distributed`); returns each rank's result, in rank order. `fn` must be a module-level
+    function of a test file."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.spawn(_distributed_entry, args=(world_size, port, fn, args, out), nprocs=world_size)
+        return [torch.load(Path(out) / f"{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def _distributed_entry(rank, world_size, port, fn, args, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    common.init_distributed(use_cuda=False)
+    result = fn(*args)
+    torch.save(result, Path(out) / f"{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def process_share():
+    """For functions run by `run_distributed`: the embedded model, a seeded global batch of 2 prompts x 4 responses
+    (the same in every process, see `sample_batch`) and this process's share of its rows (whole groups), as
+    `(model, rollout, T, share)`; `share` holds the rows' `input_ids`, `attention_mask`, `mask` (float), `lengths` and
+    `prompt_index` (counted from 0 in this process). In a single process the share is the whole batch."""
+    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    ro, mask, T = sample_batch(model, tokenizer)
+    rows = torch.arange(len(mask)).chunk(common.world_size())[common.rank()]
+    share = SimpleNamespace(rows=rows, input_ids=ro.input_ids[rows], attention_mask=ro.attention_mask[rows],
+                            mask=mask[rows], lengths=ro.lengths[rows],
+                            prompt_index=ro.prompt_index[rows] - ro.prompt_index[rows].min())
+    return model, ro, T, share
+
+
+def assert_two_processes_match_one(cases: list, one: list, first: list, second: list) -> None:
+    """Per case, `(part, loss, params)` from one process on the whole batch (`one`) and from each of two processes on
+    its halves (`first`, `second`): the halves' parts (advantages, rewards, ...) join into the whole's, and the
+    reduced loss and the parameters after the step are the same."""
+    initial = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)[0].state_dict()
+    for case, (one_part, one_loss, one_params), (part0, loss, params), (part1, _, _) in zip(cases, one, first, second,
+                                                                                          strict=True):
+        torch.testing.assert_close(torch.cat([part0, part1]), one_part, msg=lambda m: f"{case}: {m}")
+        assert one_loss != 0 and abs(loss - one_loss) <= 1e-7 + 1e-5 * abs(one_loss), (case, loss, one_loss)
+        assert_same_update(params, one_params, initial)
+
+
+def assert_same_update(params: dict, expected: dict, initial: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    """Parameters after a step equal the expected ones, and the step moved the weights (so equal parameters mean equal
+    gradients)."""
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    assert sum(not torch.equal(value, initial[name]) for name, value in expected.items()) > 10
+
+
+@torch.no_grad()
+def move_off_policy(model, scale: float = 0.02) -> None:
+    """Add seeded noise to every weight, so that ratios to the sampling policy are not all 1."""
+    generator = torch.Generator().manual_seed(1)
+    for p in model.parameters():
+        p.add_(scale * torch.randn(p.shape, generator=generator).to(p.device))

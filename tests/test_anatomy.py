@@ -1,4 +1,4 @@
-"""Every algorithm file has grpo.py's anatomy: the same experiment and model & data flags (names, order, defaults),
+"""Every algorithm file has grpo.py's anatomy: the same experiment, model & data and scale flags (names, order, defaults),
 the same imports of shared code, and no import from another algorithm file."""
 
 import ast
@@ -8,11 +8,11 @@ import pytest
 
 ALGORITHMS_DIR = Path(__file__).resolve().parents[1] / "algorithms"
 ALGORITHMS = sorted(p.stem for p in ALGORITHMS_DIR.glob("*.py"))
-SHARED_FIELDS_END = "final_eval_samples"  # the last field of the "Model & data" group
+SHARED_FIELDS_END = "fsdp"  # the last field of the "Scale" group, after "Experiment" and "Model & data"
 
 
 def shared_args_fields(name: str) -> list[tuple[str, str, str]]:
-    """(name, annotation, default) of Args' fields up to the end of the model & data group."""
+    """(name, annotation, default) of Args' fields up to the end of the scale group."""
     tree = ast.parse((ALGORITHMS_DIR / f"{name}.py").read_text())
     args_class = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Args")
     fields = []

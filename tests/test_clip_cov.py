@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm, run_python, sample_batch
+from conftest import load_algorithm, run_distributed, run_python, sample_batch
 
 import common
 
@@ -125,3 +125,39 @@ def test_bad_bounds_give_one_line_error(tmp_path):
     result = run_python(["algorithms/clip_cov.py", "--clip-cov-lb", "5", "--clip-cov-ub", "1", "--output-dir", str(tmp_path)])
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: need 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub"
+
+
+
+def _dyadic_batch():
+    """A fixed mini-batch of 8 rows with log-probs and advantages in quarters, so that sums over any split are exact."""
+    generator = torch.Generator().manual_seed(3)
+    mask = (torch.rand(8, 6, generator=generator) < 0.75).float()  # 39 valid tokens
+    logp = -torch.randint(0, 16, (8, 6), generator=generator) / 4 * mask
+    advantages = (torch.randint(0, 4, (8,), generator=generator) - 1.5)[:, None] * mask
+    ppo_clipped = torch.rand(8, 6, generator=generator) < 0.2
+    return logp, advantages, mask, ppo_clipped
+
+
+def _covariance_and_selection(logp, advantages, mask, ppo_clipped, configs):
+    """token_covariance and clip_cov_select on this process's half of the rows (all rows in a single process); the
+    second process's half gets two more padding columns, as a rollout with longer responses would."""
+    if common.world_size() > 1:
+        rows, pad = slice(4 * common.rank(), 4 * common.rank() + 4), (0, 2 * common.rank())
+        logp, advantages, mask = (torch.nn.functional.pad(x[rows], pad) for x in (logp, advantages, mask))
+        ppo_clipped = torch.nn.functional.pad(ppo_clipped[rows], pad)
+    cov = clip_cov.token_covariance(logp, advantages, mask)
+    return [(cov, *clip_cov.clip_cov_select(cov, mask, ppo_clipped, ratio, 0.1, 3.0, torch.Generator().manual_seed(seed)))
+            for ratio, seed in configs]
+
+
+def test_two_processes_on_the_halves_select_what_one_process_selects_on_the_whole_batch():
+    # global means, N and candidates; rank 0's draw over all candidates in rank order, every process keeps its own
+    batch, configs = _dyadic_batch(), [(0.05, 0), (0.1, 1), (0.1, 2), (0.2, 3), (1.0, 4)]
+    whole = _covariance_and_selection(*batch, configs)
+    first, second = run_distributed(_covariance_and_selection, *batch, configs)
+    for (ratio, _), (cov, selected, n_candidates), (cov0, selected0, n0), (cov1, selected1, n1) in zip(configs, whole,
+                                                                                                        first, second):
+        assert n0 == n1 == n_candidates > 10 and selected.sum() == min(max(int(ratio * 39), 1), n_candidates)
+        torch.testing.assert_close(torch.cat([cov0, cov1[:, :6]]), cov, atol=0, rtol=0)
+        assert torch.equal(torch.cat([selected0, selected1[:, :6]]), selected) and not selected1[:, 6:].any()
+    assert len({tuple(selected.nonzero().flatten().tolist()) for _, selected, _ in whole[1:3]}) == 2  # the draw matters

@@ -1,10 +1,11 @@
 """DPH-RL math on hand-made tensors (values worked out by hand in the comments) and the rehearsal-set invariants."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import load_algorithm
+from conftest import load_algorithm, run_distributed
 
 import common
 
@@ -106,3 +107,68 @@ def test_rehearsal_set_layout_keeps_the_initial_logprobs(random_model):
         logp = common.response_logprobs(model, stored.input_ids, stored.attention_mask, 12).logp
     _, u = dph.rehearsal_token_loss(logp, stored.logp0, "js")
     torch.testing.assert_close(u[stored.mask.bool()], torch.ones(16), atol=1e-5, rtol=0)
+
+
+def _presample(pool_size):
+    # top_k 1: the samples are the greedy responses, the same in any process and batch, so the runs can be compared
+    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    task = common.get_task("countdown", "", tokenizer)
+    args = SimpleNamespace(presample_k=2, max_new_tokens=16, temperature=1.0, top_p=1.0, top_k=1, rollout="generate")
+    correct, item_index, kept = dph.presample_pool(model, tokenizer, task, task.train_items()[:pool_size], args)
+    return correct, item_index, [(i, prompt.tolist(), response.tolist()) for i, prompt, response in kept]
+
+
+def _rehearsal_step(micro_batch_tokens):
+    # a fixed rehearsal set of 5 stored responses (logp0 moved off the model's own log-probs, so the loss is not 0) and
+    # a global batch of 6 rows (one repeated); each process takes its half. Returns the loss and the gradient as DDP
+    # leaves it (averaged over the processes).
+    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    texts = [("10 13 17>6:", "17-(13-10)"), ("20 12 13>19:", "20-13+12"), ("17 4 1>68:", "17*4*1"),
+             ("3 5 7>22:", "3*5+7"), ("17 13 5>6:", "(13+17)/5")]
+    pairs = [(tokenizer(prompt, add_special_tokens=False, return_tensors="pt").input_ids[0],
+              torch.cat([tokenizer(response, add_special_tokens=False, return_tensors="pt").input_ids[0],
+                         torch.tensor([tokenizer.eos_token_id])])) for prompt, response in texts]
+    args = SimpleNamespace(max_new_tokens=12, temperature=1.0, micro_batch_size=2, micro_batch_tokens=micro_batch_tokens,
+                           divergence="js", eta=0.2)
+    rehearsal = dph.build_rehearsal_set(model, pairs, tokenizer.pad_token_id, args, "cpu")
+    noise = torch.randn(rehearsal.logp0.shape, generator=torch.Generator().manual_seed(0))
+    rehearsal.logp0 = (rehearsal.logp0 + 0.3 * noise) * rehearsal.mask
+    rows = torch.tensor(common.shard([4, 0, 2, 2, 1, 3]))
+    sums = {"rehearsal_loss": 0.0, "rehearsal_u": 0.0, "rehearsal_tokens": 0.0}
+    dph.rehearsal_backward(model, rehearsal, rows, args, sums)
+    grad = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return sums["rehearsal_loss"], common.all_sum(grad) / common.world_size()
+
+
+MICRO_BATCH_TOKENS = [0, 40]  # row micro-batches, token-budget ones (trimmed)
+
+
+def _both():
+    return _presample(7), [_rehearsal_step(tokens) for tokens in MICRO_BATCH_TOKENS]
+
+
+@pytest.fixture(scope="module")
+def two_processes():
+    """Both computations on 2 processes (one spawn, for time): each rank's results."""
+    return run_distributed(_both)
+
+
+def test_presample_on_two_processes_gives_every_process_the_single_process_sets(two_processes):
+    # 7 pool prompts over 2 processes: shares of 4 and 3 (+ 1 padding prompt whose samples are dropped); the embedded
+    # model solves prompts 1 and 5 greedily, one in each share
+    single = _presample(7)
+    assert single[1].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6]
+    assert dph.split_pool(single[0], single[1], 7, threshold=2).tolist() == [False, True, False, False, False, True, False]
+    for (correct, item_index, kept), _ in two_processes:
+        assert torch.equal(correct, single[0]) and torch.equal(item_index, single[1]) and kept == single[2]
+
+
+@pytest.mark.parametrize("case", range(len(MICRO_BATCH_TOKENS)))
+def test_rehearsal_loss_on_two_processes_equals_one_process_on_the_whole_batch(two_processes, case):
+    loss, grad = _rehearsal_step(MICRO_BATCH_TOKENS[case])
+    assert loss > 0
+    ranks = [rehearsal[case] for _, rehearsal in two_processes]
+    # each process logs its share times the processes: their mean (reduce_metrics) is the whole batch's loss
+    assert sum(rank_loss for rank_loss, _ in ranks) / 2 == pytest.approx(loss, rel=1e-5)
+    for _, rank_grad in ranks:
+        torch.testing.assert_close(rank_grad, grad)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_algorithm, run_python, sample_batch
+from conftest import load_algorithm, run_distributed, run_python, sample_batch
 
 import common
 
@@ -106,3 +106,37 @@ def test_bad_ratio_gives_one_line_error(tmp_path):
     result = _run_script(["--kl-cov-ratio", "0"], tmp_path)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == "error: need 0 < kl_cov_ratio <= 1 and kl_cov_coef >= 0"
+
+
+def _dyadic_batch():
+    """A fixed mini-batch of 8 rows with log-probs and advantages in quarters: sums over any split are exact, and many
+    covariances are equal (ties at the k-th largest)."""
+    generator = torch.Generator().manual_seed(3)
+    mask = (torch.rand(8, 6, generator=generator) < 0.75).float()  # 39 valid tokens
+    logp = -torch.randint(0, 16, (8, 6), generator=generator) / 4 * mask
+    advantages = (torch.randint(0, 4, (8,), generator=generator) - 1.5)[:, None] * mask
+    return logp, advantages, mask
+
+
+def _covariance_and_selection(logp, advantages, mask, ratios):
+    """token_covariance and kl_cov_select on this process's half of the rows (all rows in a single process)."""
+    if common.world_size() > 1:
+        rows = slice(4 * common.rank(), 4 * common.rank() + 4)
+        logp, advantages, mask = logp[rows], advantages[rows], mask[rows]
+    cov = kl_cov.token_covariance(logp, advantages, mask)
+    return [(cov, kl_cov.kl_cov_select(cov, mask, ratio)) for ratio in ratios]
+
+
+def test_two_processes_on_the_halves_select_what_one_process_selects_on_the_whole_batch():
+    # global means, N and top-k (torch.topk of both processes' covariances in rank order), every process keeps its own
+    batch, ratios = _dyadic_batch(), [0.01, 0.1, 0.2, 0.3, 0.5, 1.0]
+    whole = _covariance_and_selection(*batch, ratios)
+    first, second = run_distributed(_covariance_and_selection, *batch, ratios)
+    ties = 0
+    for ratio, (cov, selected), (cov0, selected0), (cov1, selected1) in zip(ratios, whole, first, second):
+        assert selected.sum() == max(int(ratio * 39), 1) and not (selected & ~batch[2].bool()).any()
+        torch.testing.assert_close(torch.cat([cov0, cov1]), cov, atol=0, rtol=0)
+        assert torch.equal(torch.cat([selected0, selected1]), selected)
+        kth = cov[selected].min()
+        ties += int(((cov == kth) & batch[2].bool() & ~selected).any())  # a tie cut at the k-th largest
+    assert ties  # the test covers tie-breaking

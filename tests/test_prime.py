@@ -1,5 +1,6 @@
-"""PRIME math on hand-made tensors (values worked out by hand in the comments), invariants, and end-to-end runs of the
-paths the default smoke run does not reach (skipped steps, --prm-update before, --prm-ref policy, mini-batches)."""
+"""PRIME math on hand-made tensors (values worked out by hand in the comments), invariants, the same step from one
+process or two (one of which may keep no prompt), and end-to-end runs of the paths the default smoke run does not reach
+(skipped steps, --prm-update before, --prm-ref policy, mini-batches)."""
 
 import copy
 import json
@@ -7,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm, run_python
+from conftest import load_algorithm, run_distributed, run_python, sample_batch
 from test_smoke import TINY_BUDGET
 
 import common
@@ -93,6 +94,9 @@ def test_prm_loss_is_bce_of_the_scaled_sequence_score():
     assert sum(halves).item() == pytest.approx(loss.item())
     # a wrong label costs more: acc 0 for row 0 gives -log(1 - sigmoid(1)) = log(1 + e)
     assert prime.prm_ce_loss(q[:1], mask[:1], torch.tensor([0.0]), 0.5).item() == pytest.approx(math.log(1 + math.e))
+    # weight 0 leaves a row out (a filler): row 1 alone, divided by the given count
+    weighted = prime.prm_ce_loss(q, mask, torch.tensor([0.0, 0.0]), 0.5, 1, torch.tensor([0.0, 1.0]))
+    assert weighted.item() == pytest.approx(math.log(1 + math.exp(-1)))
 
 
 def test_no_gradient_reaches_the_prm_reference(random_model):
@@ -147,6 +151,105 @@ def test_pairwise_ranking_accuracy():
     assert prime.pairwise_ranking_accuracy(torch.tensor([1.0, 0, 0, 1, 0, 0]), acc, index) == pytest.approx(1.0)
     # pairs never cross groups; no pair at all -> 0.5
     assert prime.pairwise_ranking_accuracy(torch.tensor([0.0, 9]), torch.tensor([1.0, 0]), torch.tensor([0, 1])) == 0.5
+
+
+def test_one_process_cuts_mini_batches_as_before_and_survives_an_empty_batch():
+    kept_rows, order = torch.tensor([2, 3, 5, 7, 11]), torch.tensor([4, 0, 3, 1, 2])
+    parts = prime.mini_batch_parts(kept_rows, order, 2)
+    assert [rows.tolist() for rows, _ in parts] == [[11, 2, 7], [3, 5]]  # kept_rows[order] cut in 2, no filler
+    assert all(torch.equal(weights, torch.ones(len(rows))) for rows, weights in parts)
+    advantages, scale = prime.prime_advantages(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0),
+                                               torch.zeros(0, dtype=torch.long), 0.05, 1.0)
+    assert advantages.shape == (0, 3) and scale.item() == pytest.approx(1e-6)
+
+
+def prime_step(rewards, fsdp: bool, micro_batch_tokens: int):
+    """One PRIME step as prime.py makes it (--prm-update before, 3 mini-batches, SGD with lr 1 for the PRM and the
+    policy, no truncation filter) on this process's share of a fixed global batch of 2 prompts x 4 responses.
+    Returns (advantages of this process's rows, process-reward scale, PRM accuracy, reduced losses, parameters)."""
+    policy, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    prm, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    prm_ref, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL, frozen=True)
+    ro, mask, T = sample_batch(policy, tokenizer)  # seeded: the same global batch in every process
+    world = common.world_size()
+    rows = torch.arange(8).chunk(world)[common.rank()]  # this process's prompts, whole groups
+    input_ids, attention_mask, mask, lengths = ro.input_ids[rows], ro.attention_mask[rows], mask[rows], ro.lengths[rows]
+    acc, index = rewards[rows], ro.prompt_index[rows] - ro.prompt_index[rows].min()
+    policy, prm = common.data_parallel(policy, fsdp), common.data_parallel(prm, fsdp)
+    optimizer, prm_optimizer = torch.optim.SGD(policy.parameters(), lr=1.0), torch.optim.SGD(prm.parameters(), lr=1.0)
+    with torch.no_grad():
+        old_logp = common.response_logprobs(policy, input_ids, attention_mask, T).logp
+    keep, _ = prime.keep_prompts(acc, ro.truncated[rows], index, 0.2, 0.8, False)
+    kept = keep[index].nonzero().squeeze(-1)
+    counts = common.gather_lists([len(kept)])
+    ref_logp = torch.zeros_like(mask)
+    if len(kept):
+        ref_logp[kept] = prime.prm_reference_logprobs(prm_ref, None, input_ids[kept], attention_mask[kept], T, 1.0)
+    losses = {"prm": 0.0, "policy": 0.0}
+    for part_rows, weights in prime.mini_batch_parts(kept, torch.arange(sum(counts)), 3):
+        n_seqs = common.all_sum(weights.sum())
+        prm_optimizer.zero_grad()
+        for part in common.micro_batches(torch.arange(len(part_rows)), lengths[part_rows], 3, micro_batch_tokens):
+            idx, weight = part_rows[part], weights[part]
+            logp = common.response_logprobs(prm, input_ids[idx], attention_mask[idx], T, trim=micro_batch_tokens > 0).logp
+            q = (logp - ref_logp[idx]) * mask[idx]
+            loss = world * prime.prm_ce_loss(q, mask[idx], acc[idx], 0.5, n_seqs, weight)
+            loss.backward()
+            losses["prm"] += loss.item()
+        prm_optimizer.step()
+    padded = torch.cat([kept, kept.new_zeros(max(counts) - len(kept))])
+    with torch.no_grad():
+        q = (common.response_logprobs(prm, input_ids[padded], attention_mask[padded], T).logp[: len(kept)]
+             - ref_logp[kept]) * mask[kept]
+    prm_acc = prime.pairwise_ranking_accuracy(q.sum(-1), acc[kept], index[kept])
+    kept_advantages, scale = prime.prime_advantages(q, mask[kept], acc[kept], index[kept], 0.5, 1.0)
+    advantages = torch.zeros_like(mask)
+    advantages[kept] = kept_advantages
+    order = common.all_sum(torch.arange(sum(counts)).flip(0) * common.is_main())  # a shared order, rank 0's
+    for part_rows, weights in prime.mini_batch_parts(kept, order, 3):
+        train_mask = mask[part_rows] * weights[:, None]
+        mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())
+        optimizer.zero_grad()
+        for part in common.micro_batches(torch.arange(len(part_rows)), lengths[part_rows], 3, micro_batch_tokens):
+            idx = part_rows[part]
+            logp = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T, trim=micro_batch_tokens > 0).logp
+            token_loss, _, _ = prime.ppo_clip_loss(logp, old_logp[idx], advantages[idx], 0.2, 0.2)
+            loss = world * prime.aggregate_loss(token_loss, train_mask[part], "seq-mean-token-mean", mb_tokens, n_seqs)
+            loss.backward()
+            losses["policy"] += loss.item()
+        optimizer.step()
+    prm_params, _ = common.full_state_dicts(prm)
+    policy_params, _ = common.full_state_dicts(policy)
+    return advantages, scale, prm_acc, common.reduce_metrics(losses), prm_params, policy_params
+
+
+CASES = [([1.0, 0, 0, 1, 0, 0, 0, 1], False, 0),  # both prompts kept: 4 responses on each process
+         ([1.0, 0, 0, 1, 0, 0, 0, 0], False, 40),  # the second prompt (all wrong) is dropped: process 1 keeps none
+         ([1.0, 0, 0, 1, 0, 0, 0, 0], True, 40)]
+
+
+def prime_steps(cases):
+    return [prime_step(torch.tensor(rewards), fsdp, micro_batch_tokens) for rewards, fsdp, micro_batch_tokens in cases]
+
+
+def test_two_processes_make_the_step_of_one_on_the_same_global_batch():
+    # the process-reward scale, the whitening, the PRM's and the policy's denominators and the mini-batches are global;
+    # every process makes the same calls even with no kept response (DDP and FSDP would hang otherwise)
+    initial, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    for (rewards, fsdp, _), first, second in zip(CASES, *run_distributed(prime_steps, CASES)):  # one spawn for all cases
+        one = prime_step(torch.tensor(rewards), fsdp, 0)
+        torch.testing.assert_close(torch.cat([first[0], second[0]]), one[0], rtol=1e-4, atol=1e-5)
+        assert one[0].abs().sum() > 0 and one[1] > 1e-3  # the PRM moved: process rewards are not 0
+        for result in (first, second):
+            assert result[1].item() == pytest.approx(one[1].item(), rel=1e-4)
+            assert result[2] == pytest.approx(one[2])
+            assert result[3] == pytest.approx(one[3], rel=1e-4, abs=1e-7)
+        for params, one_params in ((first[4], one[4]), (first[5], one[5])):
+            moved = 0
+            for name, value in one_params.items():
+                torch.testing.assert_close(params[name], value, rtol=1e-4, atol=1e-5)  # 3 steps of lr 1: rounding grows
+                moved += int(not torch.equal(value, initial.state_dict()[name]))
+            assert moved > 10  # the steps changed the weights, so equal parameters mean equal gradients
 
 
 def _records(tmp_path):

@@ -1,0 +1,183 @@
+"""The real-scale mechanics of common.py on the CPU: rollout backends, padding-trimmed log-probs, token-budget
+micro-batches, gradient checkpointing, precision flags and full state dicts."""
+
+import json
+
+import pytest
+import torch
+from conftest import REPO_ROOT, run_python, sample_batch
+from test_smoke import EXTRA_FLAGS, TINY_BUDGET
+
+import common
+
+ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
+
+
+def test_rollout_backends_give_the_same_greedy_responses(embedded):
+    model, tokenizer = embedded
+    task = common.get_task("countdown")
+    prompts = [task.prompt(item) for item in task.test_items()[:6]]
+    rollouts = {backend: common.rollout(model, tokenizer, prompts, 2, 32, greedy=True, backend=backend)
+                for backend in common.ROLLOUT_BACKENDS}
+    reference = rollouts["generate"]
+    assert reference.texts[0::2] == reference.texts[1::2]  # 2 responses per prompt, next to each other
+    assert rollouts["static"].prompt_len == 64  # padded to a multiple of 64 (few compiled shapes)
+    for backend, ro in rollouts.items():
+        assert ro.texts == reference.texts, backend
+        assert torch.equal(ro.response_ids, reference.response_ids), backend
+        assert torch.equal(ro.response_mask, reference.response_mask), backend
+        for row in range(len(ro.texts)):  # the same prompt tokens, left-padded
+            assert torch.equal(ro.input_ids[row][ro.attention_mask[row].bool()],
+                               reference.input_ids[row][reference.attention_mask[row].bool()]), backend
+        assert torch.equal(ro.prompt_index, reference.prompt_index)
+        assert torch.equal(ro.lengths, reference.lengths)
+
+
+def test_continuous_batching_samples_keep_the_rollout_contract(embedded):
+    model, tokenizer = embedded
+    torch.manual_seed(0)
+    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:", "1 2 3>6:"], 4, 8, backend="continuous")
+    B, T = ro.response_ids.shape
+    assert B == 12 and 1 <= T <= 8 and ro.input_ids.shape == (12, ro.prompt_len + T)
+    assert torch.equal(ro.input_ids[:, ro.prompt_len:], ro.response_ids)
+    assert torch.equal(ro.prompt_index, torch.arange(3).repeat_interleave(4))
+    eos = tokenizer.eos_token_id
+    has_eos = (ro.response_ids == eos).any(-1)
+    assert torch.equal(ro.truncated, ~has_eos)
+    valid = ro.response_mask.sum(-1)
+    for row in range(B):  # valid tokens end at the first EOS
+        if has_eos[row]:
+            assert ro.response_ids[row, valid[row] - 1] == eos and (ro.response_ids[row, : valid[row] - 1] != eos).all()
+    assert torch.equal(ro.lengths, ro.attention_mask[:, : ro.prompt_len].sum(-1) + valid)
+
+
+def test_unknown_rollout_backend_is_a_clear_error(embedded):
+    model, tokenizer = embedded
+    with pytest.raises(common.UserInputError, match="unknown rollout backend"):
+        common.rollout(model, tokenizer, ["1 2 3>6:"], 1, 4, backend="vllm")
+
+
+def test_trimmed_logprobs_equal_full_ones_on_valid_tokens(embedded):
+    model, tokenizer = embedded
+    ro, mask, T = sample_batch(model, tokenizer)
+    rows = torch.tensor([4, 6])  # the shorter prompt (1 pad column) and responses shorter than T: both sides trim
+    assert int(ro.response_mask[rows].sum(-1).max()) < T
+    full = common.response_logprobs(model, ro.input_ids[rows], ro.attention_mask[rows], T, 0.7, with_entropy=True,
+                                    with_vocab_mean=True)
+    trimmed = common.response_logprobs(model, ro.input_ids[rows], ro.attention_mask[rows], T, 0.7, with_entropy=True,
+                                       with_vocab_mean=True, trim=True)
+    valid = mask[rows].bool()
+    for name in ("logp", "entropy", "vocab_mean"):
+        a, b = getattr(full, name), getattr(trimmed, name)
+        assert b.shape == a.shape
+        torch.testing.assert_close(b[valid], a[valid], rtol=1e-5, atol=1e-5)
+        assert (~valid).any() and (b[~valid] == 0).all()
+
+
+def test_token_budget_micro_batches():
+    lengths = torch.tensor([5, 30, 12, 7, 30, 3, 18, 9])
+    rows = torch.arange(8)
+    assert [b.tolist() for b in common.micro_batches(rows, lengths, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    batches = common.micro_batches(rows, lengths, 4, 40)
+    assert sorted(torch.cat(batches).tolist()) == list(range(8))  # every row exactly once
+    for batch in batches:
+        assert len(batch) <= 4
+        assert len(batch) == 1 or len(batch) * int(lengths[batch].max()) <= 40
+    assert [sorted(b.tolist()) for b in batches] == [[1], [4], [2, 6], [0, 3, 5, 7]]
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(embedded):
+    grads = []
+    for checkpointing in (False, True):
+        model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL, gradient_checkpointing=checkpointing)
+        assert model.is_activation_checkpointing == checkpointing
+        ro, mask, T = sample_batch(model, tokenizer)
+        model.train()
+        logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
+        (logp * mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+    assert grads[0].abs().sum() > 0
+
+
+def test_bf16_flag_leaves_the_cpu_in_fp32():
+    policy, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL, "cpu", bf16=True)
+    reference, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL, "cpu", bf16=True, frozen=True)
+    assert policy.dtype == reference.dtype == torch.float32 and policy.autocast_dtype is None
+    with common.autocast(policy):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_full_state_dicts_restore_model_and_optimizer_exactly(embedded):
+    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ro, mask, T = sample_batch(model, tokenizer)
+    for _ in range(2):
+        optimizer.zero_grad()
+        (common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp * mask).sum().backward()
+        optimizer.step()
+    model_sd, optim_sd = common.full_state_dicts(model, optimizer)
+    fresh, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
+    common.load_full_state_dicts(fresh, fresh_optimizer, model_sd, optim_sd)
+    for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(optimizer.state.values(), fresh_optimizer.state.values()):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+    assert len(fresh_optimizer.state) == len(optimizer.state) > 0
+
+
+@pytest.fixture(scope="module")
+def qwen_style_model_and_gsm8k(tmp_path_factory, embedded):
+    """A Qwen2-architecture model (random, tiny) whose tokenizer has a chat template, and GSM8K-format local files:
+    what `--model-name Qwen/Qwen2.5-0.5B-Instruct --task gsm8k` looks like to the scripts, offline."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _, tokenizer = embedded
+    root = tmp_path_factory.mktemp("real_style")
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    Qwen2ForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    tokenizer.save_pretrained(root / "model")
+    tokenizer.chat_template = None
+    rows = [{"question": f"{i} + {i + 1} = ?", "answer": f"#### {2 * i + 1}"} for i in range(12)]
+    (root / "gsm8k").mkdir()
+    for split in ("train", "test"):
+        (root / "gsm8k" / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_file_runs_a_chat_model_on_gsm8k_with_the_scale_flags(name, qwen_style_model_and_gsm8k, tmp_path):
+    root = qwen_style_model_and_gsm8k
+    flags = ["--model-name", str(root / "model"), "--task", "gsm8k", "--dataset", str(root / "gsm8k"),
+             "--max-new-tokens", "12", "--micro-batch-size", "4", "--micro-batch-tokens", "96",
+             "--gradient-checkpointing", "--rollout", "static", "--save-model"]
+    result = run_python([f"algorithms/{name}.py", *TINY_BUDGET, *EXTRA_FLAGS.get(name, []), *flags,
+                         "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2]
+    saved, _ = common.load_model_and_tokenizer(str(run_dir / "model"))
+    assert type(saved).__name__ == "Qwen2ForCausalLM"
+
+
+def test_bf16_autocast_paths_run(embedded):
+    """The GPU's bf16 paths, exercised on the CPU (whose autocast also knows bfloat16): every rollout backend and a
+    training forward/backward of an fp32 policy under autocast; gradients stay fp32 and close to the fp32 ones."""
+    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    ro, mask, T = sample_batch(model, tokenizer)
+    fp32 = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True)
+    model.autocast_dtype = torch.bfloat16  # what load_model_and_tokenizer sets on a GPU with --bf16
+    for backend in common.ROLLOUT_BACKENDS:
+        out = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], 2, 8, backend=backend)
+        assert out.response_ids.shape[0] == 4 and out.input_ids.dtype == torch.long
+    stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True, trim=True)
+    assert stats.logp.dtype == torch.float32 and not torch.equal(stats.logp, fp32.logp)  # computed in bf16
+    torch.testing.assert_close(stats.logp * mask, fp32.logp * mask, atol=0.1, rtol=0.1)
+    (stats.logp * mask).sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
