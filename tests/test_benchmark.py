@@ -108,3 +108,19 @@ def test_report_writes_tables_plots_and_keeps_the_discussion(tmp_path):
     assert "Hand-written reading of the figures." in readme
     for png in ("accuracy.png", "entropy.png", "cov.png", "pass_at_k.png", "accuracy_vs_entropy.png"):
         assert (dest / png).stat().st_size > 1000 and f"({png})" in readme
+
+
+def test_gpu_speed_script_runs_every_path_on_the_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    result = run_python(["benchmarks/gpu_speed.py", "--size", "tiny", "--batch-size", "4", "--group-size", "2",
+                         "--prompt-len", "4", "--new-tokens", "6", "--train-rows", "4", "--micro-batch-size", "2",
+                         "--repeats", "1", "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert set(record["rollout"]) == {"generate", "static", "continuous"}
+    for entry in record["rollout"].values():
+        assert 0 < entry["new_tokens"] <= 4 * 6 and entry["tokens_per_s"] > 0
+    assert record["rollout"]["generate"]["speedup_vs_generate"] == 1.0
+    assert record["train"]["tokens"] == 4 * (4 + 6) and record["train"]["tokens_per_s"] > 0
+    assert record["train"]["mfu"] is None  # no known peak on a CPU
+    assert "| rollout: continuous |" in result.stdout
