@@ -375,24 +375,65 @@ def verify_math(gold: str, response: str) -> tuple[bool, bool]:
     """Is the response's final answer equivalent to `gold` (math-verify, gold first)? Returns `(correct, parsed)`.
 
     No final answer, an unparseable one, a parse error or a timeout -> (False, ...); never raises. math-verify bounds
-    its work with SIGALRM, which exists only in the main thread; elsewhere its timeouts are turned off and the answer
-    length bound is what limits the work."""
+    its work with SIGALRM, which exists only in a main thread: called from another thread, the check runs in a helper
+    process's main thread (started on first use), so hostile answers time out there too."""
     if not isinstance(response, str) or not isinstance(gold, str):
         return False, False
     answer = extract_final_answer(response)
     if answer is None or len(answer) > MAX_MATH_ANSWER_CHARS:
         return False, False
+    if threading.current_thread() is threading.main_thread():
+        return _math_verify(gold, answer)
+    return _math_verify_in_helper(gold, answer)
+
+
+MATH_TIMEOUT = 5
+"""Seconds math-verify may spend parsing one expression, and comparing two."""
+
+
+def _math_verify(gold: str, answer: str) -> tuple[bool, bool]:
+    """math-verify on a gold answer and an extracted answer, in a main thread (its timeouts need SIGALRM)."""
     from math_verify import parse, verify
 
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    parse_timeout, verify_timeout = (5, 5) if in_main_thread else (None, None)
     try:
-        gold_parsed = parse(f"${gold}$", parsing_timeout=parse_timeout)
-        answer_parsed = parse(f"${answer}$", parsing_timeout=parse_timeout)
+        gold_parsed = parse(f"${gold}$", parsing_timeout=MATH_TIMEOUT)
+        answer_parsed = parse(f"${answer}$", parsing_timeout=MATH_TIMEOUT)
         if not answer_parsed:
             return False, False
-        return bool(verify(gold_parsed, answer_parsed, timeout_seconds=verify_timeout)), True
+        return bool(verify(gold_parsed, answer_parsed, timeout_seconds=MATH_TIMEOUT)), True
     except Exception:  # math-verify and sympy raise many types on hostile input; any of them means "not verified"
+        return False, True
+
+
+_HELPER: dict = {}
+_HELPER_LOCK = threading.Lock()
+
+
+def _math_verify_in_helper(gold: str, answer: str) -> tuple[bool, bool]:
+    """`_math_verify` in a helper process (spawned once, shared by all threads). Its own timeouts end any one check
+    within ~3 x MATH_TIMEOUT; a helper that does not answer in 6 x is killed (the next call starts a new one)."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import TimeoutError as FutureTimeout
+    from multiprocessing import get_context
+
+    with _HELPER_LOCK:
+        if "pool" not in _HELPER:
+            _HELPER["pool"] = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
+        pool = _HELPER["pool"]
+    try:
+        return pool.submit(_math_verify, gold, answer).result(timeout=6 * MATH_TIMEOUT)
+    except FutureTimeout:
+        with _HELPER_LOCK:
+            if _HELPER.get("pool") is pool:
+                del _HELPER["pool"]
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        return False, True
+    except Exception:  # a helper that died (BrokenProcessPool): start a new one next time
+        with _HELPER_LOCK:
+            if _HELPER.get("pool") is pool:
+                del _HELPER["pool"]
         return False, True
 
 

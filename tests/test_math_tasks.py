@@ -52,10 +52,11 @@ def test_power_tower_is_cut_by_the_timeout_in_the_main_thread():
 
 def test_verification_works_outside_the_main_thread():
     results = []
-    worker = threading.Thread(target=lambda: results.append(common.verify_math("\\frac{1}{2}", "\\boxed{0.5}")))
+    cases = [("\\frac{1}{2}", "\\boxed{0.5}"), ("3", "so \\boxed{4}"), ("2", "\\boxed{9^{9^{9}}}")]  # the last: a timeout
+    worker = threading.Thread(target=lambda: results.extend(common.verify_math(gold, text) for gold, text in cases))
     worker.start()
-    worker.join(timeout=60)
-    assert results == [(True, True)]
+    worker.join(timeout=120)  # a hang guard: the power tower would run for hours without a timeout
+    assert not worker.is_alive() and results == [(True, True), (False, True), (False, True)]
 
 
 def write_jsonl(path, rows):
