@@ -7,6 +7,7 @@ seeding, and the run folder / logging. See `../shared/specs/algorithms.md` §0 f
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import copy
 import json
@@ -14,6 +15,8 @@ import math
 import os
 import random
 import re
+import select
+import subprocess
 import sys
 import threading
 import weakref
@@ -410,31 +413,35 @@ _HELPER_LOCK = threading.Lock()
 
 
 def _math_verify_in_helper(gold: str, answer: str) -> tuple[bool, bool]:
-    """`_math_verify` in a helper process (spawned once, shared by all threads). Its own timeouts end any one check
-    within ~3 x MATH_TIMEOUT; a helper that does not answer in 6 x is killed (the next call starts a new one)."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures import TimeoutError as FutureTimeout
-    from multiprocessing import get_context
-
+    """`_math_verify` in a helper process (`python -c ...`, started on first use, shared by all threads; a plain
+    subprocess, so the caller's script is not re-imported). Its own timeouts end any check within ~3 x MATH_TIMEOUT;
+    a helper that does not answer in 6 x is killed, and the next call starts a new one."""
     with _HELPER_LOCK:
-        if "pool" not in _HELPER:
-            _HELPER["pool"] = ProcessPoolExecutor(1, mp_context=get_context("spawn"))
-        pool = _HELPER["pool"]
-    try:
-        return pool.submit(_math_verify, gold, answer).result(timeout=6 * MATH_TIMEOUT)
-    except FutureTimeout:
-        with _HELPER_LOCK:
-            if _HELPER.get("pool") is pool:
-                del _HELPER["pool"]
-        for process in list(getattr(pool, "_processes", {}).values()):
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-        return False, True
-    except Exception:  # a helper that died (BrokenProcessPool): start a new one next time
-        with _HELPER_LOCK:
-            if _HELPER.get("pool") is pool:
-                del _HELPER["pool"]
-        return False, True
+        helper = _HELPER.get("process")
+        if helper is None or helper.poll() is not None:
+            code = "import sys; sys.path.insert(0, sys.argv[1]); import common; common._math_verify_server()"
+            helper = subprocess.Popen([sys.executable, "-c", code, str(REPO_ROOT)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+            _HELPER["process"] = helper
+            atexit.register(helper.kill)
+        try:
+            helper.stdin.write(json.dumps([gold, answer]) + "\n")
+            helper.stdin.flush()
+            if not select.select([helper.stdout], [], [], 6 * MATH_TIMEOUT)[0]:
+                raise TimeoutError
+            correct, parsed = json.loads(helper.stdout.readline())
+            return bool(correct), bool(parsed)
+        except Exception:  # no answer in time, or a helper that died: not verified
+            helper.kill()
+            _HELPER.pop("process", None)
+            return False, True
+
+
+def _math_verify_server() -> None:
+    """The helper process's loop: one JSON `[gold, answer]` per input line, one JSON `[correct, parsed]` per output line."""
+    for line in sys.stdin:
+        gold, answer = json.loads(line)
+        print(json.dumps(_math_verify(gold, answer)), flush=True)
 
 
 @dataclass(frozen=True)
