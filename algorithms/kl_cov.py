@@ -247,8 +247,6 @@ if __name__ == "__main__":
         raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
     if not 0 < args.kl_cov_ratio <= 1 or args.kl_cov_coef < 0:
         raise common.UserInputError("need 0 < kl_cov_ratio <= 1 and kl_cov_coef >= 0")
-    if args.num_mini_batches * args.num_epochs == 1:
-        print("note: one optimizer step per rollout keeps the KL-Cov penalty at zero (plain policy gradient)")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
@@ -275,6 +273,8 @@ if __name__ == "__main__":
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
+    if args.num_mini_batches * args.num_epochs == 1:
+        print("note: one optimizer step per rollout keeps the KL-Cov penalty at zero (plain policy gradient)")
 
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
