@@ -703,22 +703,21 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_token
         raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
     if backend not in ROLLOUT_BACKENDS:
         raise UserInputError(f"unknown rollout backend {backend!r}; choose one of: {', '.join(ROLLOUT_BACKENDS)}")
-    generator = unwrap(model)
-    device = next(generator.parameters()).device
+    if backend == "continuous" and is_fsdp(model):
+        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    policy = unwrap(model)
+    device = next(policy.parameters()).device
     pad_to = 64 if backend == "static" else None  # a compiled static-cache step recompiles for every new length
     enc = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to,
                     add_special_tokens=False).to(device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
     prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
     sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
-    eos = eos_ids(generator)
-    policy = generator
+    eos = eos_ids(policy)
+    # a static or paged cache wants one dtype for keys and values: those backends decode in a bf16 copy
+    generator = _low_precision_copy(policy) if backend != "generate" and not is_fsdp(model) else policy
     was_training = policy.training
     policy.eval()
-    if backend == "continuous" and is_fsdp(model):
-        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
-    if backend != "generate" and not is_fsdp(model):
-        generator = _low_precision_copy(generator)  # a static or paged cache wants one dtype for keys and values
     with autocast(generator):
         if backend == "continuous":
             response_ids = _continuous_batching(generator, enc, group_size, max_new_tokens, greedy, sampling,
@@ -851,8 +850,12 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
                       torch.cat(vocab_means) if with_vocab_mean else None)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp(min=1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_processes: bool = False) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1; with `all_processes`, over every process's positions together."""
+    total, count = (x * mask).sum(), mask.sum()
+    if all_processes:
+        total, count = all_sum(total), all_sum(count)
+    return total / count.clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -875,10 +878,7 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
     unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt.
 
     Under torchrun every process evaluates its share of the prompts and all return the same metrics."""
-    share = math.ceil(len(items) / world_size())
-    mine = items[rank() * share:(rank() + 1) * share]
-    n_mine = len(mine)
-    mine = mine + items[: share - n_mine]  # equal shares: every process runs as many batches (FSDP needs it)
+    mine, n_mine, _ = padded_share(items)
     prompts = [task.prompt(item) for item in mine]
     greedy_correct = []
     for start in range(0, len(mine), batch_size):
@@ -989,6 +989,17 @@ def shard(items: list) -> list:
         raise UserInputError(f"{len(items)} prompts per step cannot be split evenly over {n} processes")
     share = len(items) // n
     return items[r * share:(r + 1) * share]
+
+
+def padded_share(items: list) -> tuple[list, int, int]:
+    """This process's contiguous share of `items` when their number need not divide by the processes: every share has
+    ceil(n / N) items, the short last ones padded with items from the start (so that every process makes as many
+    generate calls: FSDP's forward passes are collective). Returns (share, how many of it are real, index of its
+    first item); results of the padding are to be dropped."""
+    size = math.ceil(len(items) / world_size())
+    first = rank() * size
+    mine = items[first:first + size]
+    return mine + items[: size - len(mine)], len(mine), first
 
 
 def unwrap(model):

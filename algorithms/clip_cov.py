@@ -185,18 +185,13 @@ def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
     return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
-def global_mean(x, mask):
-    """Mean of x over the valid tokens of every process's rows (common.masked_mean in a single process)."""
-    return common.all_sum((x * mask).sum()) / common.all_sum(mask.sum()).clamp(min=1)
-
-
 def token_covariance(logp, advantages, mask):
     """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
     means are over valid tokens only (of all processes) and padding gets 0. Its mean over valid tokens is the batch
     covariance."""
     logp, advantages = logp.detach(), advantages.detach()
-    centred_adv = advantages - global_mean(advantages, mask)
-    centred_logp = logp - global_mean(logp, mask)
+    centred_adv = advantages - common.masked_mean(advantages, mask, all_processes=True)
+    centred_logp = logp - common.masked_mean(logp, mask, all_processes=True)
     return centred_adv * centred_logp * mask
 
 
@@ -210,10 +205,8 @@ def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_hi
     candidates = valid & ~ppo_clipped & (cov > cov_low) & (cov < cov_high)
     k = max(int(ratio * int(common.all_sum(valid.sum()))), 1)
     candidate_positions = candidates.flatten().nonzero().squeeze(1)  # (n_candidates,) of this process
-    counts = torch.zeros(common.world_size(), dtype=torch.long, device=cov.device)
-    counts[common.rank()] = len(candidate_positions)
-    counts = common.all_sum(counts)  # every process's number of candidates
-    offset, n_candidates = int(counts[: common.rank()].sum()), int(counts.sum())
+    counts = common.gather_lists([len(candidate_positions)])  # every process's number of candidates
+    offset, n_candidates = sum(counts[: common.rank()]), sum(counts)
     if common.is_main():
         draw = torch.randperm(n_candidates, generator=generator)[:k].to(cov.device)
     else:

@@ -243,11 +243,8 @@ def presample_pool(policy, tokenizer, task, items: list[dict], args) -> tuple[to
     """Sample presample_k responses per item with the initial policy, printing progress. Returns the verdicts (N,) bool,
     the item index of each response (N,), and (item index, prompt ids, response ids) for every correct response, in
     item order. Under torchrun each process samples its share of the items and every process gets all the results."""
-    share = math.ceil(len(items) / common.world_size())
-    first = common.rank() * share  # index of this process's first item
-    mine = items[first : first + share]
-    n_mine = len(mine)
-    mine = mine + items[: share - n_mine]  # equal shares: every process makes as many generate calls (FSDP needs it)
+    mine, n_mine, first = common.padded_share(items)  # equal shares, padded: every process makes as many generate calls
+    share = len(mine)
     prompts_per_chunk = max(1, 1024 // args.presample_k)
     correct, item_index, kept, start_time = [], [], [], time.time()
     for start in range(0, share, prompts_per_chunk):

@@ -170,32 +170,14 @@ def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rew
     return advantages, stds < 1e-8
 
 
-def global_mean(x, mask):
-    """Mean of x over the valid tokens of every process's rows (common.masked_mean in a single process)."""
-    return common.all_sum((x * mask).sum()) / common.all_sum(mask.sum()).clamp(min=1)
-
-
 def token_covariance(logp, advantages, mask):
     """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
     means are over valid tokens only (of all processes) and padding gets 0. Its mean over valid tokens is the batch
     covariance."""
     logp, advantages = logp.detach(), advantages.detach()
-    centred_adv = advantages - global_mean(advantages, mask)
-    centred_logp = logp - global_mean(logp, mask)
+    centred_adv = advantages - common.masked_mean(advantages, mask, all_processes=True)
+    centred_logp = logp - common.masked_mean(logp, mask, all_processes=True)
     return centred_adv * centred_logp * mask
-
-
-def concat_over_processes(x):
-    """Every process's 1-D tensor x concatenated in rank order, bit for bit, and the offset of this process's part in
-    it; x itself and 0 in a single process."""
-    if common.world_size() == 1:
-        return x, 0
-    sizes = torch.zeros(common.world_size(), dtype=torch.long, device=x.device)
-    sizes[common.rank()] = len(x)
-    sizes = common.all_sum(sizes).tolist()
-    parts = [torch.empty(max(sizes), dtype=x.dtype, device=x.device) for _ in sizes]
-    torch.distributed.all_gather(parts, torch.nn.functional.pad(x, (0, max(sizes) - len(x))))  # equal sizes
-    return torch.cat([part[:size] for part, size in zip(parts, sizes)]), sum(sizes[: common.rank()])
 
 
 def kl_cov_select(cov, mask, ratio: float):
@@ -205,8 +187,9 @@ def kl_cov_select(cov, mask, ratio: float):
     valid = mask.bool()
     n_valid = int(common.all_sum(valid.sum()))
     k = min(max(int(ratio * n_valid), 1), n_valid)
-    scores, offset = concat_over_processes(cov.masked_fill(~valid, float("-inf")).flatten())
-    top = scores.topk(k).indices - offset  # (k,), positions in this process's cov when in [0, cov.numel())
+    parts = common.gather_lists([cov.masked_fill(~valid, float("-inf")).flatten().cpu()])  # every process's, rank order
+    offset = sum(len(part) for part in parts[: common.rank()])  # where this process's scores start
+    top = torch.cat(parts).to(cov.device).topk(k).indices - offset  # (k,), this process's positions: [0, cov.numel())
     top = top[(top >= 0) & (top < cov.numel())]
     selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
     selected[top] = True

@@ -2,11 +2,13 @@
 loaders for the algorithm scripts (they are scripts, not a package)."""
 
 import importlib.util
+import json
 import os
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,6 +24,33 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import common  # noqa: E402
+
+
+ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
+SETUP_FLAGS = {  # algorithm -> flags a short run needs (a smaller set-up pass, a non-empty rehearsal set)
+    "dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "1"],
+}
+REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])  # for `sample_batch`'s 2 prompts x 4 responses
+TIMING = ("time/", "charts/tokens_per_sec")
+
+
+def records(run_dir: Path) -> list[dict]:
+    """A run folder's metrics.jsonl without the timing metrics (which no two runs share)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
+
+
+def kill_after_first_checkpoint(proc: subprocess.Popen, out_dir: Path, kill) -> Path:
+    """Wait until the run writing under `out_dir` has saved its first checkpoint, call `kill()` wherever the run then
+    is, and return its run folder."""
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(out_dir.glob("*/checkpoint.pt")) and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    kill()
+    proc.wait()
+    (run_dir,) = out_dir.iterdir()
+    return run_dir
 
 
 def run_python(args: list[str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
@@ -87,6 +116,16 @@ def _distributed_entry(rank, world_size, port, fn, args, out):
     torch.distributed.destroy_process_group()
 
 
+def scored_batch(model, tokenizer, grpo_advantages):
+    """`sample_batch` scored with REWARDS and a file's `grpo_advantages` (std-scaled): (rollout, mask, T, token
+    advantages (B, T), the sampling policy's log-probs (B, T))."""
+    ro, mask, T = sample_batch(model, tokenizer)
+    adv, _ = grpo_advantages(REWARDS, ro.prompt_index, True)
+    with torch.no_grad():
+        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
+    return ro, mask, T, adv[:, None] * mask, old_logp
+
+
 def process_share():
     """For functions run by `run_distributed`: the embedded model, a seeded global batch of 2 prompts x 4 responses
     (the same in every process, see `sample_batch`) and this process's share of its rows (whole groups), as
@@ -99,6 +138,14 @@ def process_share():
                             mask=mask[rows], lengths=ro.lengths[rows],
                             prompt_index=ro.prompt_index[rows] - ro.prompt_index[rows].min())
     return model, ro, T, share
+
+
+def step_and_report(optimizer, policy, loss: float) -> tuple[float, dict]:
+    """End of a one-step update in `run_distributed`: take the step; return (this process's summed loss reduced over
+    the processes, the full parameters after the step)."""
+    optimizer.step()
+    params, _ = common.full_state_dicts(policy)
+    return common.reduce_metrics({"loss": loss})["loss"], params
 
 
 def assert_two_processes_match_one(cases: list, one: list, first: list, second: list) -> None:

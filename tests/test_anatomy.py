@@ -2,12 +2,11 @@
 the same imports of shared code, and no import from another algorithm file."""
 
 import ast
-from pathlib import Path
 
 import pytest
+from conftest import ALGORITHMS, REPO_ROOT
 
-ALGORITHMS_DIR = Path(__file__).resolve().parents[1] / "algorithms"
-ALGORITHMS = sorted(p.stem for p in ALGORITHMS_DIR.glob("*.py"))
+ALGORITHMS_DIR = REPO_ROOT / "algorithms"
 SHARED_FIELDS_END = "fsdp"  # the last field of the "Scale" group, after "Experiment" and "Model & data"
 
 

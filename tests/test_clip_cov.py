@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm, run_distributed, run_python, sample_batch
+from conftest import load_algorithm, run_distributed, run_python, sample_batch, scored_batch
 
 import common
 
@@ -88,11 +88,7 @@ def test_no_candidates_selects_nothing():
 
 def test_selected_tokens_have_exactly_zero_gradient_in_a_model(random_model):
     model, tokenizer = random_model
-    ro, mask, T = sample_batch(model, tokenizer)
-    adv, _ = clip_cov.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, True)
-    advantages = adv[:, None] * mask
-    with torch.no_grad():
-        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
+    ro, mask, T, advantages, old_logp = scored_batch(model, tokenizer, clip_cov.grpo_advantages)
     logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
     logp.retain_grad()
     _, _, ppo_clipped = clip_cov.ppo_clip_loss(logp.detach(), old_logp, advantages, 1.0, 1.0)

@@ -2,22 +2,19 @@
 as one process (DDP and FSDP2, fixed-size and token-budget micro-batches), the shared helpers agree across processes,
 and every algorithm file runs under `torchrun --nproc-per-node 2`."""
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO_ROOT, assert_same_update, load_algorithm, process_share, run_distributed
+from conftest import (ALGORITHMS, REPO_ROOT, REWARDS, SETUP_FLAGS, assert_same_update, kill_after_first_checkpoint,
+                      load_algorithm, process_share, records, run_distributed, step_and_report)
 
 import common
 
-ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
-REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])  # 2 prompts x 4 responses
 
 
 def grpo_update(fsdp: bool, micro_batch_tokens: int, loss_agg: str):
@@ -40,9 +37,7 @@ def grpo_update(fsdp: bool, micro_batch_tokens: int, loss_agg: str):
         loss = world * grpo.aggregate_loss(token_loss, mask[idx], loss_agg, mb_tokens, 8, T)
         loss.backward()
         total += loss.item()
-    optimizer.step()
-    params, _ = common.full_state_dicts(policy)
-    return common.reduce_metrics({"loss": total})["loss"], params
+    return step_and_report(optimizer, policy, total)
 
 
 @pytest.mark.parametrize("fsdp, micro_batch_tokens, loss_agg", [(False, 0, "token-mean"),
@@ -93,8 +88,6 @@ def test_evaluation_split_over_processes_equals_one_process():
 
 FLAGS = ["--num-steps", "4", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8", "--eval-samples", "2",
          "--final-eval-samples", "4", "--eval-every", "2", "--checkpoint-every", "2", "--log-completions-every", "2"]
-EXTRA_FLAGS = {"dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "1"]}
-TIMING = ("time/", "charts/tokens_per_sec")
 
 
 def torchrun(args: list[str], **kwargs):
@@ -104,14 +97,9 @@ def torchrun(args: list[str], **kwargs):
                             start_new_session=True, **kwargs)
 
 
-def records(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if not k.startswith(TIMING)} for row in rows]
-
-
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_every_algorithm_runs_under_torchrun(name, tmp_path):
-    proc = torchrun([f"algorithms/{name}.py", *FLAGS, *EXTRA_FLAGS.get(name, []), "--output-dir", str(tmp_path)])
+    proc = torchrun([f"algorithms/{name}.py", *FLAGS, *SETUP_FLAGS.get(name, []), "--output-dir", str(tmp_path)])
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     assert "Traceback" not in err
@@ -144,13 +132,8 @@ def test_killed_torchrun_job_resumes_exactly(tmp_path):
     full = torchrun(["algorithms/grpo.py", *FLAGS, "--output-dir", str(tmp_path / "full")])
     assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
     victim = torchrun(["algorithms/grpo.py", *FLAGS, "--output-dir", str(tmp_path / "killed")])
-    deadline = time.time() + 600
-    while time.time() < deadline and not list((tmp_path / "killed").glob("*/checkpoint.pt")) and victim.poll() is None:
-        time.sleep(0.05)
-    assert victim.poll() is None, "the job finished before it could be killed"
-    os.killpg(victim.pid, signal.SIGKILL)  # torchrun and both workers
-    victim.wait()
-    (run_dir,) = (tmp_path / "killed").iterdir()
+    run_dir = kill_after_first_checkpoint(victim, tmp_path / "killed",
+                                          lambda: os.killpg(victim.pid, signal.SIGKILL))  # torchrun and both workers
     assert records(run_dir)[-1]["step"] < 4
     resumed = torchrun(["algorithms/grpo.py", "--resume", str(run_dir)])
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 from conftest import (REPO_ROOT, assert_two_processes_match_one, load_algorithm, move_off_policy, process_share,
-                      run_distributed, run_python, sample_batch)
+                      run_distributed, run_python, sample_batch, step_and_report)
 from safetensors.torch import load_file
 
 import common
@@ -219,9 +219,7 @@ def em_rl_update(method: str, entropy_coef: float, loss_agg: str, micro_batch_to
         loss = world * em_rl.aggregate_loss(token_loss, mask[idx], loss_agg, mb_tokens, 8, T)
         loss.backward()
         total += loss.item()
-    optimizer.step()
-    params, _ = common.full_state_dicts(policy)
-    return seq_adv, common.reduce_metrics({"loss": total})["loss"], params
+    return seq_adv, *step_and_report(optimizer, policy, total)
 
 
 def test_two_processes_make_the_update_of_one_on_the_same_global_batch():

@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_algorithm, sample_batch
+from conftest import load_algorithm, sample_batch, scored_batch
 
 import common
 
@@ -88,14 +88,11 @@ def test_first_on_policy_minibatch_has_ratio_one(random_model):
 
 def test_parameters_change_after_one_step(random_model):
     model, tokenizer = random_model
-    ro, mask, T = sample_batch(model, tokenizer)
+    ro, mask, T, advantages, old_logp = scored_batch(model, tokenizer, grpo.grpo_advantages)
     before = [p.detach().clone() for p in model.parameters()]
-    with torch.no_grad():
-        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
-    adv, _ = grpo.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
-    loss, _, _ = grpo.ppo_clip_loss(logp, old_logp, adv[:, None] * mask, 0.2, 0.2)
+    loss, _, _ = grpo.ppo_clip_loss(logp, old_logp, advantages, 0.2, 0.2)
     grpo.aggregate_loss(loss, mask, "token-mean").backward()
     optimizer.step()
     assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters()))

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import load_algorithm, run_distributed, run_python, sample_batch
+from conftest import load_algorithm, run_distributed, run_python, scored_batch
 
 import common
 
@@ -66,11 +66,7 @@ def test_perturbed_log_probs_add_beta_sign_d_on_exactly_the_top_k():
 
 def test_penalty_is_zero_on_the_first_and_non_zero_on_the_second_mini_batch(random_model):
     model, tokenizer = random_model
-    ro, mask, T = sample_batch(model, tokenizer)
-    adv, _ = kl_cov.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, True)
-    advantages = adv[:, None] * mask
-    with torch.no_grad():
-        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
+    ro, mask, T, advantages, old_logp = scored_batch(model, tokenizer, kl_cov.grpo_advantages)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     penalties = []
     for mb in (torch.arange(0, 4), torch.arange(4, 8)):  # two mini-batches of one rollout, old_logp frozen

@@ -2,8 +2,8 @@
 update from one process or two."""
 
 import torch
-from conftest import (assert_two_processes_match_one, load_algorithm, move_off_policy, process_share, run_distributed,
-                      sample_batch)
+from conftest import (REWARDS, assert_two_processes_match_one, load_algorithm, move_off_policy, process_share, run_distributed,
+                      sample_batch, step_and_report)
 
 import common
 
@@ -74,7 +74,7 @@ def test_on_policy_gradient_is_reinforce_on_the_centred_reward(random_model):
     ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
         old = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_vocab_mean=True, chunk_size=3)
-    centred, _ = rover.grpo_advantages(torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 1]), ro.prompt_index, False)
+    centred, _ = rover.grpo_advantages(REWARDS, ro.prompt_index, False)
     rho = 0.5
     current = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_vocab_mean=True)
     token_loss, q, next_value = rover.rover_loss(current.logp, old.logp, current.vocab_mean, old.vocab_mean, centred,
@@ -88,7 +88,6 @@ def test_on_policy_gradient_is_reinforce_on_the_centred_reward(random_model):
     assert any(g.abs().sum() > 0 for g in rover_grads)
 
 
-REWARDS = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0])  # 2 prompts x 4 responses
 
 CASES = [(False, 0, False), (True, 40, True)]  # (std_norm, micro_batch_tokens, fsdp)
 
@@ -119,9 +118,7 @@ def rover_update(std_norm: bool, micro_batch_tokens: int, fsdp: bool):
         loss = world * (token_loss * mask[idx]).sum() / mb_tokens
         loss.backward()
         total += loss.item()
-    optimizer.step()
-    params, _ = common.full_state_dicts(policy)
-    return centred, common.reduce_metrics({"loss": total})["loss"], params
+    return centred, *step_and_report(optimizer, policy, total)
 
 
 def test_two_processes_make_the_update_of_one_on_the_same_global_batch():

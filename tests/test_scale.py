@@ -5,12 +5,10 @@ import json
 
 import pytest
 import torch
-from conftest import REPO_ROOT, run_python, sample_batch
-from test_smoke import EXTRA_FLAGS, TINY_BUDGET
+from conftest import ALGORITHMS, SETUP_FLAGS, run_python, sample_batch
+from test_smoke import TINY_BUDGET
 
 import common
-
-ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
 
 
 def test_rollout_backends_give_the_same_greedy_responses(embedded):
@@ -156,7 +154,7 @@ def test_every_file_runs_a_chat_model_on_gsm8k_with_the_scale_flags(name, qwen_s
     flags = ["--model-name", str(root / "model"), "--task", "gsm8k", "--dataset", str(root / "gsm8k"),
              "--max-new-tokens", "12", "--micro-batch-size", "4", "--micro-batch-tokens", "96",
              "--gradient-checkpointing", "--rollout", "static", "--save-model"]
-    result = run_python([f"algorithms/{name}.py", *TINY_BUDGET, *EXTRA_FLAGS.get(name, []), *flags,
+    result = run_python([f"algorithms/{name}.py", *TINY_BUDGET, *SETUP_FLAGS.get(name, []), *flags,
                          "--output-dir", str(tmp_path)])
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()

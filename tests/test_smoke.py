@@ -3,14 +3,10 @@
 import json
 
 import pytest
-from conftest import REPO_ROOT, run_python
+from conftest import ALGORITHMS, REPO_ROOT, SETUP_FLAGS, run_python
 
-ALGORITHMS = sorted(p.stem for p in (REPO_ROOT / "algorithms").glob("*.py"))
 TINY_BUDGET = ["--num-steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
                "--eval-samples", "2", "--final-eval-samples", "4", "--log-completions-every", "1"]
-EXTRA_FLAGS = {  # algorithm -> flags its tiny-budget run needs on top of TINY_BUDGET (e.g. a smaller set-up pass)
-    "dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "1"],
-}
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
@@ -22,7 +18,7 @@ def test_help(name):
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_end_to_end_tiny_budget(name, tmp_path):
     # run from another working directory: the script must find common.py and the embedded model itself
-    result = run_python([str(REPO_ROOT / "algorithms" / f"{name}.py"), *TINY_BUDGET, *EXTRA_FLAGS.get(name, []),
+    result = run_python([str(REPO_ROOT / "algorithms" / f"{name}.py"), *TINY_BUDGET, *SETUP_FLAGS.get(name, []),
                   "--output-dir", str(tmp_path), "--save-model"],
                  cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
