@@ -234,6 +234,8 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    if args.micro_batch_tokens < 0:
+        raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
