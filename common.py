@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import weakref
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -57,7 +58,6 @@ sys.excepthook = _excepthook
 MAX_ANSWER_CHARS = 200
 """Longer answers get reward 0 without being parsed, which bounds the verifier's time and recursion depth."""
 
-_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPERATORS = {"+": "+", "-": "-", "*": "*", "/": "/", "\u00d7": "*", "\u00f7": "/", "\u2212": "-"}
 
 
@@ -65,286 +65,263 @@ class _Malformed(Exception):
     pass
 
 
-def _tokenize_expression(text: str) -> list[str]:
+def extract_countdown_answer(response: str) -> str:
+    """The text inside the last `<answer>...</answer>` if the response has one (instruction-tuned models), else the
+    whole response; stripped. Two reverse scans, so linear in the response's length whatever it holds."""
+    close = response.rfind("</answer>")
+    opening = response.rfind("<answer>", 0, close) if close != -1 else -1
+    answer = response[opening + len("<answer>"):close] if opening != -1 else response
+    return answer.strip()
+
+
+def _tokenize_countdown(text: str) -> list[str]:
+    """Integers (ASCII digits only: str.isdigit() would accept '²' or full-width digits), operators, parentheses,
+    '=' and ','; spaces and tabs are skipped; anything else is malformed."""
     tokens, i = [], 0
     while i < len(text):
         ch = text[i]
         if ch in " \t":
             i += 1
-        elif "0" <= ch <= "9":  # ASCII digits only: str.isdigit() would accept '²' or full-width digits
+        elif "0" <= ch <= "9":
             j = i
             while j < len(text) and "0" <= text[j] <= "9":
                 j += 1
             tokens.append(text[i:j])
             i = j
-        elif ch in _OPERATORS:
-            tokens.append(_OPERATORS[ch])
-            i += 1
-        elif ch in "()":
-            tokens.append(ch)
+        elif ch in _OPERATORS or ch in "()=,":
+            tokens.append(_OPERATORS.get(ch, ch))
             i += 1
         else:
             raise _Malformed(f"unexpected character {ch!r}")
     return tokens
 
 
-def _parse_expression(tokens: list[str]) -> tuple[Fraction, list[int]]:
+def _apply(op: str, a: Fraction, b: Fraction) -> Fraction | None:
+    """a op b exactly; None for a division by zero."""
+    if op == "+":
+        return a + b
+    if op == "-":
+        return a - b
+    if op == "*":
+        return a * b
+    return a / b if b != 0 else None
+
+
+def _expression_tree(tokens: list[str]) -> tuple[Fraction, object]:
     """Recursive descent over `expr := term (('+'|'-') term)*`, `term := atom (('*'|'/') atom)*`,
-    `atom := integer | '(' expr ')'`. No unary operators, no exponent. Returns the exact value and the literals."""
+    `atom := integer | '(' expr ')'`. No unary operators, no exponent. Returns the exact value and the tree: an int
+    for a number, `(op, left, right)` for an operation."""
     pos = 0
-    literals: list[int] = []
 
     def peek():
         return tokens[pos] if pos < len(tokens) else None
 
-    def atom() -> Fraction:
+    def atom():
         nonlocal pos
         tok = peek()
-        if tok is None:
-            raise _Malformed("unexpected end")
         if tok == "(":
             pos += 1
-            value = expr()
+            value, tree = expr()
             if peek() != ")":
                 raise _Malformed("unbalanced parentheses")
             pos += 1
-            return value
-        if tok.isdigit():
+            return value, tree
+        if tok is not None and tok.isdigit():
             pos += 1
-            literals.append(int(tok))
-            return Fraction(int(tok))
+            return Fraction(int(tok)), int(tok)
         raise _Malformed(f"unexpected token {tok!r}")
 
-    def term() -> Fraction:
+    def chain(operand, ops):  # operand ((op in ops) operand)*, left-associative
         nonlocal pos
-        value = atom()
-        while peek() in ("*", "/"):
+        value, tree = operand()
+        while peek() in ops:
             op = tokens[pos]
             pos += 1
-            rhs = atom()
-            if op == "/" and rhs == 0:
+            rhs_value, rhs_tree = operand()
+            value = _apply(op, value, rhs_value)
+            if value is None:
                 raise _Malformed("division by zero")
-            value = value * rhs if op == "*" else value / rhs
-        return value
+            tree = (op, tree, rhs_tree)
+        return value, tree
 
-    def expr() -> Fraction:
-        nonlocal pos
-        value = term()
-        while peek() in ("+", "-"):
-            op = tokens[pos]
-            pos += 1
-            rhs = term()
-            value = value + rhs if op == "+" else value - rhs
-        return value
+    def term():
+        return chain(atom, ("*", "/"))
 
-    value = expr()
+    def expr():
+        return chain(term, ("+", "-"))
+
+    value, tree = expr()
     if pos != len(tokens):
         raise _Malformed(f"trailing token {tokens[pos]!r}")
-    return value, literals
-
-
-def extract_countdown_answer(response: str) -> str:
-    """The last `<answer>...</answer>` if the response has one (instruction-tuned models), else the whole response."""
-    tagged = _ANSWER_TAG.findall(response)
-    return (tagged[-1] if tagged else response).strip()
-
-
-def verify_countdown(nums: list[int], target: int, response: str) -> tuple[bool, bool]:
-    """Check a countdown answer. Returns `(correct, parsed)`; never raises, never calls `eval`.
-
-    Correct iff the expression uses every given number exactly once (as a multiset), only + - * / (also × ÷ −) and
-    parentheses, and evaluates exactly (rational arithmetic) to `target`. `parsed` is False for text that is not a
-    well-formed expression (logged as `charts/unparseable_frac`)."""
-    answer = extract_countdown_answer(response) if isinstance(response, str) else ""
-    if not answer or len(answer) > MAX_ANSWER_CHARS:
-        return False, False
-    try:
-        value, literals = _parse_expression(_tokenize_expression(answer))
-    except _Malformed:
-        return False, False
-    # The multiset check comes after parsing (so `parsed` is meaningful) but no huge literal is ever used in
-    # arithmetic with a valid set: only the given small numbers can reach here with a chance of being correct.
-    return sorted(literals) == sorted(nums) and value == target, True
-
-
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-
-
-def _value(va: Fraction, vb: Fraction, op: str) -> Fraction | None:
-    if op == "+":
-        return va + vb
-    if op == "-":
-        return va - vb
-    if op == "*":
-        return va * vb
-    return va / vb if vb != 0 else None
-
-
-def _combine(a: tuple, b: tuple, op: str) -> tuple | None:
-    """Combine two solver nodes `(exact value, tree)`; a tree is an int or `(op, left, right)` with the operands of
-    + and * in a fixed order, so trees that differ only by swapping those operands are equal."""
-    (va, ta), (vb, tb) = a, b
-    value = _value(va, vb, op)
-    if value is None:
-        return None
-    tree = (op, *sorted((ta, tb), key=repr)) if op in "+*" else (op, ta, tb)
     return value, tree
 
 
-def _all_expressions(nodes: list[tuple], target: Fraction | None = None) -> list[tuple]:
-    """Every expression tree over all the nodes (each used once), as `(value, tree)`: a DP over subsets of nodes.
-    With `target`, only the full trees of that value are built (the last level is most of the work)."""
-    full = (1 << len(nodes)) - 1
-    table = {1 << i: [node] for i, node in enumerate(nodes)}
-    for subset in range(1, full + 1):
-        if subset in table:
-            continue
-        found = []
-        left = (subset - 1) & subset
-        while left:  # every ordered split (left, right) of the subset
-            right = subset ^ left
-            for a in table[left]:
-                for b in table[right]:
-                    for op in "+-*/" if left < right else "-/":  # + and * once per unordered split
-                        if subset == full and target is not None and _value(a[0], b[0], op) != target:
-                            continue
-                        combined = _combine(a, b, op)
-                        if combined is not None:
-                            found.append(combined)
-            left = (left - 1) & subset
-        table[subset] = found
-    return table[full]
+def _step_list(tokens: list[str]) -> list[tuple[int, str, int, int]]:
+    """`a op b = c` steps separated by commas, every a, b, c a non-negative integer literal."""
+    steps, pos = [], 0
+    while True:
+        step = tokens[pos:pos + 5]
+        if len(step) < 5 or not (step[0].isdigit() and step[1] in "+-*/" and step[2].isdigit() and step[3] == "="
+                                 and step[4].isdigit()):
+            raise _Malformed("a step is not 'a op b = c'")
+        steps.append((int(step[0]), step[1], int(step[2]), int(step[4])))
+        pos += 5
+        if pos == len(tokens):
+            return steps
+        if tokens[pos] != ",":
+            raise _Malformed("steps are separated by commas")
+        pos += 1
 
 
-def _render(tree) -> tuple[str, int]:
-    """Text with minimal parentheses, and the precedence of its top operator (3 for a number)."""
+def _steps_tree(steps: list[tuple[int, str, int, int]], nums: list[int] | None = None) -> tuple[object, bool]:
+    """The expression tree that `steps` build, and whether they are a valid solution over `nums`: every step takes
+    two available numbers (a given one, or an earlier step's result; each used once), its written result is exactly
+    a op b, and at the end one number is left (the last result). An operand equal to an unused earlier result is read
+    as that result (the latest one), so chained steps give one tree whatever `nums` hold."""
+    available = Counter(nums or [])
+    results: list[tuple[int, object]] = []  # (value, tree) of the results not used yet, oldest first
+    valid = nums is not None
+    for a, op, b, c in steps:
+        operands = []
+        for x in (a, b):
+            latest = next((k for k in range(len(results) - 1, -1, -1) if results[k][0] == x), None)
+            operands.append(results.pop(latest)[1] if latest is not None else x)
+            valid = valid and available[x] > 0
+            available[x] -= 1
+        valid = valid and _apply(op, Fraction(a), Fraction(b)) == c
+        available[c] += 1
+        results.append((c, (op, *operands)))
+    valid = valid and sum((+available).values()) == 1  # one number left: the last result
+    return results[-1][1], valid and len(results) == 1
+
+
+def canonical_form(tree) -> str:
+    """A text equal for two expression trees iff they differ only by commutation and associativity: chains of + and -
+    are flattened into signed terms, chains of * and / into factors with exponent +1/-1, each sorted. So
+    `13+17=30,30/5=6`, `17+13=30,30/5=6` and `(13+17)/5` share one form, and a-(b-c) is a-b+c."""
     if isinstance(tree, int):
-        return str(tree), 3
-    op, a, b = tree
-    (ta, pa), (tb, pb) = _render(a), _render(b)
-    p = _PRECEDENCE[op]
-    left = f"({ta})" if pa < p else ta
-    right = f"({tb})" if pb < p or (pb == p and op in "-/") else tb
-    return f"{left}{op}{right}", p
+        return str(tree)
+    additive = tree[0] in "+-"
+    parts = []
+
+    def collect(node, positive: bool):
+        if not isinstance(node, int) and (node[0] in "+-") == additive:
+            op, left, right = node
+            collect(left, positive)
+            collect(right, positive if op in "+*" else not positive)
+        else:
+            sign = ("+" if positive else "-") if additive else ("*" if positive else "/")
+            parts.append((canonical_form(node), sign))
+
+    collect(tree, True)
+    return "(" + "".join(sign + text for text, sign in sorted(parts)) + ")"
 
 
-def _commuted(tree) -> list:
-    if isinstance(tree, int):
-        return [tree]
-    op, a, b = tree
-    out = []
-    for ca in _commuted(a):
-        for cb in _commuted(b):
-            out += [(op, ca, cb), (op, cb, ca)] if op in "+*" else [(op, ca, cb)]
-    return out
+def parse_countdown(response: str, steps: bool = True, nums: list[int] | None = None):
+    """`(value, tree, valid)` of a countdown answer, or None if it is not well-formed. Steps (`13+17=30,30/5=6`): the
+    value is the last written result and `valid` says whether the steps are a solution over `nums`. An expression
+    (`(13+17)/5`): its exact value, and `valid` whether it uses exactly `nums`. Never raises, never calls `eval`."""
+    answer = extract_countdown_answer(response) if isinstance(response, str) else ""
+    if not answer or len(answer) > MAX_ANSWER_CHARS:
+        return None
+    try:
+        tokens = _tokenize_countdown(answer)
+        if steps:
+            step_list = _step_list(tokens)
+            tree, valid = _steps_tree(step_list, nums)
+            return Fraction(step_list[-1][3]), tree, valid
+        value, tree = _expression_tree(tokens)
+    except _Malformed:
+        return None
+    return value, tree, nums is not None and sorted(_literals(tree)) == sorted(nums)
 
 
-def _solution_trees(nums: list[int], target: int) -> set:
-    return {tree for value, tree in _all_expressions([(Fraction(n), n) for n in nums], Fraction(target)) if value == target}
+def _literals(tree) -> list[int]:
+    return [tree] if isinstance(tree, int) else _literals(tree[1]) + _literals(tree[2])
 
 
-def count_countdown_solutions(nums: list[int], target: int) -> int:
-    """Number of essentially different solutions: trees equal up to swapping the operands of + and * count once."""
-    return len(_solution_trees(nums, target))
+def verify_countdown(nums: list[int], target: int, response: str, steps: bool = True) -> tuple[bool, bool]:
+    """Check a countdown answer. Returns `(correct, parsed)`; never raises, never calls `eval`.
 
-
-def solve_countdown(nums: list[int], target: int) -> list[str]:
-    """Every solution as text with minimal parentheses, both operand orders of + and * included, sorted."""
-    return sorted({_render(t)[0] for tree in _solution_trees(nums, target) for t in _commuted(tree)})
+    Steps (the default): correct iff every step combines two available numbers (each given number used exactly once,
+    each result at most once) with + - * / (also × ÷ −), writes its result exactly, and the last result is the target;
+    a negative or fractional result cannot be written, so it is never exact. Expression (`steps=False`): correct iff
+    it uses every given number exactly once with + - * / and parentheses and evaluates exactly (rational arithmetic)
+    to the target. `parsed` is False for text that is not a well-formed answer (`charts/unparseable_frac`)."""
+    parsed = parse_countdown(response, steps, nums)
+    if parsed is None:
+        return False, False
+    value, _, valid = parsed
+    return valid and value == target, True
 
 
 @dataclass(frozen=True)
 class Countdown:
-    """Countdown: reach the target with the given numbers, each used exactly once, with + - * / and parentheses.
+    """Countdown: reach the target with the given numbers, each used exactly once, with + - * / (integer steps).
 
-    Prompt `"5 10 4>30:"`, answer `10+4*5`. Instances come from random expression trees over the numbers, so each
-    has at least one solution. The test split alternates instances with few solutions (exactly one for 3 numbers) and
-    instances with more (diversity matters to pass@k and distinct-answer counts); the train split is disjoint from it
-    by (sorted numbers, target)."""
+    Prompt `"17 13 5>6:"`; answer `13+17=30,30/5=6` (steps, the default: every intermediate result is written, so a
+    process reward has steps to credit) or `(13+17)/5` (`steps=False`). The instances ship in
+    `benchmarks/data/<data>/{train,val,test}.jsonl` (made by `benchmarks/countdown_data.py`); test and val rows are
+    half with exactly one solution up to commutation and associativity, half with several (`subset`)."""
 
     name: str
-    n_numbers: int
-    max_number: int
-    max_target: int
-    n_train: int = 10000
-    n_test: int = 512
+    data: str
+    """folder in benchmarks/data/ with the splits"""
+    steps: bool = True
     max_new_tokens: int = 32
-    few_solutions: int = 1
-    """Test instances with at most this many essentially different solutions form the "few" half of the test split."""
+    second_skill: str = ""
+    """a task evaluated beside this one and never trained on (its `eval/second_skill/*` accuracy shows forgetting)"""
     chat_tokenizer: object = None
     """set by get_task: a tokenizer with a chat template gets the natural-language question instead of the terse prompt"""
 
     def question(self, item: dict) -> str:
-        return (f"Using the numbers {item['nums']}, write an arithmetic expression that equals {item['target']}. Use "
-                "each number exactly once, with + - * / and parentheses. Give the expression between <answer> and "
-                "</answer>, for example <answer>(1+2)*3</answer>.")
+        if "expression" in item:
+            return (f"Compute {item['expression']} one operation at a time, 'a op b = c', steps separated by commas, "
+                    "for example <answer>2*3=6,1+6=7</answer> for 1+2*3.")
+        if self.steps:
+            form = ("one step per operation, 'a op b = c', steps separated by commas, the last result equal to the "
+                    "target, for example <answer>1+2=3,3*3=9</answer>")
+        else:
+            form = "an expression with parentheses, for example <answer>(1+2)*3</answer>"
+        return (f"Using the numbers {item['nums']}, reach {item['target']} with + - * /. Use each number exactly "
+                f"once. Give {form}.")
 
     def prompt(self, item: dict) -> str:
+        if "expression" in item:  # an expression to compute step by step
+            return _chat_or_plain(self.chat_tokenizer, self.question(item), f"{item['expression']}=")
         return _chat_or_plain(self.chat_tokenizer, self.question(item),
                               f"{' '.join(str(n) for n in item['nums'])}>{item['target']}:")
 
     def verify(self, item: dict, response: str) -> tuple[bool, bool]:
-        return verify_countdown(item["nums"], item["target"], response)
+        return verify_countdown(item["nums"], item["target"], response, self.steps)
 
     def answer_key(self, response: str) -> str:
-        """Normal form used to count distinct answers."""
-        return re.sub(r"\s+", "", extract_countdown_answer(response))
+        """What counts two correct answers as the same: their canonical form (commutation and associativity)."""
+        parsed = parse_countdown(response, self.steps)
+        return canonical_form(parsed[1]) if parsed else re.sub(r"\s+", "", response)
 
-    def _random_item(self, rng: random.Random) -> dict:
-        while True:
-            nums = [rng.randint(1, self.max_number) for _ in range(self.n_numbers)]
-            nodes = [(Fraction(n), n) for n in nums]
-            while len(nodes) > 1:
-                i, j = rng.sample(range(len(nodes)), 2)
-                combined = _combine(nodes[i], nodes[j], rng.choice("+-*/"))
-                if combined is None:
-                    break
-                nodes = [n for k, n in enumerate(nodes) if k not in (i, j)] + [combined]
-            if len(nodes) == 1 and nodes[0][0].denominator == 1 and 1 <= nodes[0][0] <= self.max_target:
-                return {"nums": nums, "target": int(nodes[0][0])}
-
-    def test_items(self) -> list[dict]:
-        return _cached_split(self, "test")
+    def items(self, split: str) -> list[dict]:
+        key = (self.data, split)
+        if key not in _SPLITS:
+            path = REPO_ROOT / "benchmarks" / "data" / self.data / f"{split}.jsonl"
+            if not path.is_file():
+                raise UserInputError(f"task {self.name}: split file {path} is missing")
+            _SPLITS[key] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return _SPLITS[key]
 
     def train_items(self) -> list[dict]:
-        return _cached_split(self, "train")
+        return self.items("train")
+
+    def eval_items(self, split: str, n: int) -> list[dict]:
+        """The first `n` prompts of `split` (test or val), then the second skill's first n // 2 (subset second_skill)."""
+        items = self.items(split)[:n]
+        if self.second_skill:
+            second = TASKS[self.second_skill].items(split)[: n // 2]
+            items = items + [{**item, "subset": "second_skill"} for item in second]
+        return items
 
 
 _SPLITS: dict[tuple[str, str], list[dict]] = {}
-
-
-def _cached_split(task: Countdown, split: str) -> list[dict]:
-    key = (task.name, split)
-    if key in _SPLITS:
-        return _SPLITS[key]
-    test_rng, train_rng = random.Random(f"{task.name}-test"), random.Random(f"{task.name}-train")
-    max_draws = 50 * (task.n_train + task.n_test)  # the space of distinct instances is finite (~20k for 3 numbers)
-    few, many, seen = [], [], set()
-    for _ in range(max_draws):
-        if len(few) + len(many) == task.n_test:
-            break
-        item = task._random_item(test_rng)
-        item_key = (tuple(sorted(item["nums"])), item["target"])
-        if item_key in seen:
-            continue
-        bucket = few if count_countdown_solutions(item["nums"], item["target"]) <= task.few_solutions else many
-        if len(bucket) < task.n_test // 2:
-            seen.add(item_key)
-            bucket.append(item)
-    test = [item for pair in zip(few, many) for item in pair]
-    train, train_seen = [], set(seen)
-    for _ in range(max_draws):
-        if len(train) == task.n_train:
-            break
-        item = task._random_item(train_rng)
-        item_key = (tuple(sorted(item["nums"])), item["target"])
-        if item_key not in train_seen:
-            train_seen.add(item_key)
-            train.append(item)
-    if len(test) < task.n_test or len(train) < task.n_train:
-        raise UserInputError(f"task {task.name}: could not draw {task.n_train} + {task.n_test} distinct instances")
-    _SPLITS[(task.name, "test")], _SPLITS[(task.name, "train")] = test, train
-    return _SPLITS[key]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -483,11 +460,20 @@ class MathTask:
         solution = row.get("solution")
         return extract_final_answer(solution) if isinstance(solution, str) else None
 
-    def train_items(self) -> list[dict]:
-        return _math_split(self, "train")
+    def items(self, split: str) -> list[dict]:
+        """train and test from the source; val is carved from train: its last 10% of rows (at most 500), which the
+        train split then leaves out."""
+        if split == "test":
+            return _math_split(self, "test")
+        rows = _math_split(self, "train")
+        n_val = min(500, len(rows) // 10)
+        return rows[len(rows) - n_val:] if split == "val" else rows[: len(rows) - n_val]
 
-    def test_items(self) -> list[dict]:
-        return _math_split(self, "test")
+    def train_items(self) -> list[dict]:
+        return self.items("train")
+
+    def eval_items(self, split: str, n: int) -> list[dict]:
+        return self.items(split)[:n]
 
 
 def _chat_or_plain(tokenizer, question: str, plain: str) -> str:
@@ -538,9 +524,9 @@ def _math_split(task: MathTask, split: str) -> list[dict]:
 
 
 TASKS = {
-    "countdown": Countdown("countdown", n_numbers=3, max_number=20, max_target=200),
-    "countdown4": Countdown("countdown4", n_numbers=4, max_number=25, max_target=300, max_new_tokens=48,
-                            few_solutions=3),
+    "countdown": Countdown("countdown", "countdown", second_skill="arith"),
+    "countdown-expr": Countdown("countdown-expr", "countdown", steps=False),
+    "arith": Countdown("arith", "arith"),
     "gsm8k": MathTask("gsm8k", "openai/gsm8k", "openai/gsm8k", config="main"),
     "math": MathTask("math", "DigitalLearningGmbH/MATH-lighteval", "HuggingFaceH4/MATH-500", question_field="problem",
                      max_new_tokens=1024),
@@ -877,7 +863,10 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
     """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt at `temperature` (mean@n),
     unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt.
 
-    Under torchrun every process evaluates its share of the prompts and all return the same metrics."""
+    An item may name its `subset` (countdown: one_solution or several_solutions, and second_skill for the prompts of a
+    skill the run does not train): each subset gets the same metrics under `eval/<subset>/`, and second_skill items
+    count only there, so `eval/*` is the trained task's. Under torchrun every process evaluates its share of the
+    prompts and all return the same metrics."""
     mine, n_mine, _ = padded_share(items)
     prompts = [task.prompt(item) for item in mine]
     greedy_correct = []
@@ -885,12 +874,9 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
         ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, max_new_tokens, greedy=True, backend=backend)
         greedy_correct += [task.verify(item, text)[0] for item, text in zip(mine[start:start + batch_size], ro.texts)]
     greedy_correct = gather_lists(greedy_correct[:n_mine])
-    metrics = {"eval/greedy_acc": float(np.mean(greedy_correct))}
-    if n_samples == 0:
-        return metrics
-    per_prompt = max(1, batch_size // n_samples)
     correct_counts, distinct = [], []
-    for start in range(0, len(mine), per_prompt):
+    per_prompt = max(1, batch_size // max(1, n_samples))
+    for start in range(0, len(mine) if n_samples else 0, per_prompt):
         chunk = mine[start:start + per_prompt]
         ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, max_new_tokens, temperature, top_p,
                      top_k, backend=backend)
@@ -900,12 +886,23 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
             correct_counts.append(len(correct))
             distinct.append(len({task.answer_key(text) for text in correct}))
     correct_counts, distinct = gather_lists(correct_counts[:n_mine]), gather_lists(distinct[:n_mine])
-    metrics[f"eval/mean@{n_samples}"] = sum(correct_counts) / (len(items) * n_samples)
-    k = 1
-    while k <= n_samples:
-        metrics[f"eval/pass@{k}"] = float(np.mean([pass_at_k(n_samples, c, k) for c in correct_counts]))
-        k *= 2
-    metrics["eval/distinct_correct"] = float(np.mean(distinct))
+
+    subsets = {"": [i for i, item in enumerate(items) if item.get("subset") != "second_skill"]}
+    for name in dict.fromkeys(item["subset"] for item in items if item.get("subset")):
+        subsets[name] = [i for i, item in enumerate(items) if item.get("subset") == name]
+    metrics = {}
+    for name, rows in subsets.items():
+        prefix = f"eval/{name}/" if name else "eval/"
+        metrics[f"{prefix}greedy_acc"] = float(np.mean([greedy_correct[i] for i in rows]))
+        if n_samples == 0:
+            continue
+        counts = [correct_counts[i] for i in rows]
+        metrics[f"{prefix}mean@{n_samples}"] = sum(counts) / (len(rows) * n_samples)
+        k = 1
+        while k <= n_samples:
+            metrics[f"{prefix}pass@{k}"] = float(np.mean([pass_at_k(n_samples, c, k) for c in counts]))
+            k *= 2
+        metrics[f"{prefix}distinct_correct"] = float(np.mean([distinct[i] for i in rows]))
     return metrics
 
 
@@ -1290,5 +1287,8 @@ def summary_line(step: int, num_steps: int, metrics: dict) -> str:
     """One line per step: a fixed set of headline metrics, in a fixed order."""
     parts = [f"step {step}/{num_steps}"]
     parts += [f"{short} {metrics[key]:.3g}" for key, short in SUMMARY_KEYS.items() if key in metrics]
-    parts += [f"{key.split('/')[-1]} {value:.3f}" for key, value in metrics.items() if key.startswith("eval/")]
+    parts += [f"{key[len('eval/'):]} {value:.3f}" for key, value in metrics.items()
+              if key.startswith("eval/") and key.count("/") == 1]  # the trained task's, not its subsets'
+    if "eval/second_skill/greedy_acc" in metrics:
+        parts.append(f"second_skill greedy_acc {metrics['eval/second_skill/greedy_acc']:.3f}")
     return " | ".join(parts)

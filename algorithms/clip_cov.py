@@ -34,13 +34,13 @@ Implementation details:
 7. losses/cov is the rollout-level covariance over old_logp, the same metric as every file; the per-token cov of the
    selection is over the mini-batch and the current logp (identical on the first mini-batch of a rollout).
 
-Defaults are tuned for the embedded countdown benchmark (about 1,000 valid tokens per rollout, of which ~20 have a
-covariance in (1, 5)). The paper's r = 2e-4 selects max(int(0.2), 1) = 1 token per step here, which changes nothing
-measurable; tuned: r = 0.02 (k = 20, so most steps cut nearly every candidate), bounds kept at the paper's (1, 5)
-(benchmarks/results/clip_kl_cov.md lists what was tried).
-Paper/real-model defaults: clip_cov_ratio 2e-4, clip_cov_lb 1.0, clip_cov_ub 5.0, PPO eps 1.0, learning_rate 1e-6
-(verl recipe; 5e-7 for the original 7B), 256 prompts x 8 samples with 8 mini-batches per rollout, DAPO dynamic
-sampling, max response 8192 tokens, grad clip 1.0.
+Defaults were tuned on the previous embedded task (3-number countdown answered with one expression: about 1,000
+valid tokens per rollout, of which ~20 had a covariance in (1, 5); step answers now give about twice as many). The
+paper's r = 2e-4 selected max(int(0.2), 1) = 1 token per step there, which changed nothing measurable; tuned: r =
+0.02 (k = 20, so most steps cut nearly every candidate), bounds kept at the paper's (1, 5)
+(benchmarks/results/clip_kl_cov.md lists what was tried). Paper/real-model defaults: clip_cov_ratio 2e-4,
+clip_cov_lb 1.0, clip_cov_ub 5.0, PPO eps 1.0, learning_rate 1e-6 (verl recipe; 5e-7 for the original 7B), 256
+prompts x 8 samples with 8 mini-batches per rollout, DAPO dynamic sampling, max response 8192 tokens, grad clip 1.0.
 """
 
 import os
@@ -90,7 +90,7 @@ class Args:
     model_name: str = common.EMBEDDED_MODEL
     """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
     dataset: str = ""
     """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
     max_new_tokens: int = 32
@@ -102,13 +102,15 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    """evaluate every this many steps (and before the first and after the last)"""
     eval_prompts: int = 512
-    """number of test prompts to evaluate on"""
+    """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
+    eval_split: Literal["test", "val"] = "test"
+    """split to evaluate on: val (carved from train) for tuning, test only for reported numbers"""
     eval_samples: int = 8
-    """samples per test prompt for mean@n and pass@k during training"""
+    """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
@@ -264,7 +266,7 @@ if __name__ == "__main__":
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard()
     start_step = 1
@@ -279,7 +281,7 @@ if __name__ == "__main__":
     print(f"run folder: {logger.run_dir}")
 
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -397,9 +399,9 @@ if __name__ == "__main__":
             metrics["losses/clip_cov_selected_entropy"] = selected_entropy / n_selected
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
         if args.log_completions_every and step % args.log_completions_every == 0:

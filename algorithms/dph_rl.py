@@ -32,14 +32,13 @@ Implementation details:
 7. The checkpoint holds the rehearsal set (with its logp0), the exploration prompts and the rehearsal order, so
    --resume skips the pre-pass (which needs the initial model) and continues exactly.
 
-Defaults are tuned for the embedded countdown benchmark (see benchmarks/results/dph_rl_rover.md). Paper/code
-defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl; k = 8 and the k/k threshold; clip 0.2 / 0.28; lr 1e-6;
-top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is the sampling distribution); all training prompts
-pre-sampled (--pool-prompts 10000 here).
-
-Under torchrun: each process pre-samples its share of the pool and all gather the verdicts, so every process holds
-the same D_pef and D_exp; every optimizer step's RL and rehearsal rows are split over the processes and L_exp and
-L_pef divide by their token counts summed over all processes (token-means over the global batches).
+Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; see
+benchmarks/results/dph_rl_rover.md). Paper/code defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl; k = 8
+and the k/k threshold; clip 0.2 / 0.28; lr 1e-6; top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is
+the sampling distribution); all training prompts pre-sampled (--pool-prompts 10000 here).  Under torchrun: each
+process pre-samples its share of the pool and all gather the verdicts, so every process holds the same D_pef and
+D_exp; every optimizer step's RL and rehearsal rows are split over the processes and L_exp and L_pef divide by their
+token counts summed over all processes (token-means over the global batches).
 """
 
 import math
@@ -90,7 +89,7 @@ class Args:
     model_name: str = common.EMBEDDED_MODEL
     """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
     dataset: str = ""
     """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
     max_new_tokens: int = 32
@@ -102,13 +101,15 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    """evaluate every this many steps (and before the first and after the last)"""
     eval_prompts: int = 512
-    """number of test prompts to evaluate on"""
+    """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
+    eval_split: Literal["test", "val"] = "test"
+    """split to evaluate on: val (carved from train) for tuning, test only for reported numbers"""
     eval_samples: int = 8
-    """samples per test prompt for mean@n and pass@k during training"""
+    """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
@@ -328,7 +329,7 @@ if __name__ == "__main__":
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard()
     start_step = 1
@@ -377,7 +378,7 @@ if __name__ == "__main__":
               f"exploration set: {args.exploration_prompts} prompts")
 
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -486,9 +487,9 @@ if __name__ == "__main__":
             metrics["losses/rehearsal_u_mean"] = sums["rehearsal_u"] / sums["rehearsal_tokens"]
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
         if args.log_completions_every and step % args.log_completions_every == 0:

@@ -32,11 +32,11 @@ Implementation details:
    aggregation denominators count the whole mini-batch over all processes and each process's loss is multiplied by N
    (DDP and FSDP average gradients), so the update is the one a single process makes on the whole batch (tested).
 
-Defaults are tuned for the embedded countdown benchmark (a 0.5M-parameter model needs a far larger learning rate).
-Paper/real-model defaults: learning_rate 1e-6, group_size 8 (TRL) to 64 (DeepSeekMath), beta 0 (TRL) / 0.04
-(DeepSeekMath) / 0.001 (R1, verl), eps 0.2 (DAPO clip-higher: --clip-eps-high 0.28), max_new_tokens 512-1024,
-one epoch, grad clip 1.0. Dr. GRPO: --no-scale-rewards --loss-agg seq-mean-token-sum-norm. Original GRPO:
---loss-agg seq-mean-token-mean --beta 0.04.
+Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; a 0.5M-parameter
+model needs a far larger learning rate). Paper/real-model defaults: learning_rate 1e-6, group_size 8 (TRL) to 64
+(DeepSeekMath), beta 0 (TRL) / 0.04 (DeepSeekMath) / 0.001 (R1, verl), eps 0.2 (DAPO clip-higher: --clip-eps-high
+0.28), max_new_tokens 512-1024, one epoch, grad clip 1.0. Dr. GRPO: --no-scale-rewards --loss-agg
+seq-mean-token-sum-norm. Original GRPO: --loss-agg seq-mean-token-mean --beta 0.04.
 """
 
 import os
@@ -86,7 +86,7 @@ class Args:
     model_name: str = common.EMBEDDED_MODEL
     """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
     dataset: str = ""
     """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
     max_new_tokens: int = 32
@@ -98,13 +98,15 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    """evaluate every this many steps (and before the first and after the last)"""
     eval_prompts: int = 512
-    """number of test prompts to evaluate on"""
+    """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
+    eval_split: Literal["test", "val"] = "test"
+    """split to evaluate on: val (carved from train) for tuning, test only for reported numbers"""
     eval_samples: int = 8
-    """samples per test prompt for mean@n and pass@k during training"""
+    """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
@@ -220,7 +222,7 @@ if __name__ == "__main__":
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard()
     start_step = 1
@@ -241,7 +243,7 @@ if __name__ == "__main__":
         ref_model.eval().requires_grad_(False)
 
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -341,9 +343,9 @@ if __name__ == "__main__":
             metrics["losses/kl"] = sums["kl"] / sums["tokens"]
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
         if args.log_completions_every and step % args.log_completions_every == 0:

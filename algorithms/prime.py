@@ -45,10 +45,10 @@ Implementation details:
    denominators, the mini-batches, cut from the global kept batch as one process would), and every process pads its
    part of each mini-batch with zero-weight rows to the largest part, so all make the same forward/backward calls.
 
-Defaults are tuned for the embedded countdown benchmark. Paper/real-model defaults: learning_rate 5e-7,
-prm_learning_rate 1e-6, prm_beta 0.05, group_size 4, prompt batch 256 (original) / 64 (verl, oversampled 4x), PPO eps
-0.2, one epoch, policy grad clip 1.0, PRM grad clip 10, gamma 1, --prm-update after (original) / before (verl),
-responses up to 3072 tokens.
+Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers). Paper/real-model
+defaults: learning_rate 5e-7, prm_learning_rate 1e-6, prm_beta 0.05, group_size 4, prompt batch 256 (original) / 64
+(verl, oversampled 4x), PPO eps 0.2, one epoch, policy grad clip 1.0, PRM grad clip 10, gamma 1, --prm-update after
+(original) / before (verl), responses up to 3072 tokens.
 """
 
 import math
@@ -100,7 +100,7 @@ class Args:
     model_name: str = common.EMBEDDED_MODEL
     """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
     dataset: str = ""
     """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
     max_new_tokens: int = 32
@@ -112,13 +112,15 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    """evaluate every this many steps (and before the first and after the last)"""
     eval_prompts: int = 512
-    """number of test prompts to evaluate on"""
+    """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
+    eval_split: Literal["test", "val"] = "test"
+    """split to evaluate on: val (carved from train) for tuning, test only for reported numbers"""
     eval_samples: int = 8
-    """samples per test prompt for mean@n and pass@k during training"""
+    """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
@@ -350,7 +352,7 @@ if __name__ == "__main__":
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard()
     start_step = 1
@@ -378,7 +380,7 @@ if __name__ == "__main__":
         empty_steps = checkpoint["empty_steps"]
 
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -535,9 +537,9 @@ if __name__ == "__main__":
         metrics.update(prime_metrics)
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
         if args.log_completions_every and step % args.log_completions_every == 0:

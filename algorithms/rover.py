@@ -29,11 +29,12 @@ Implementation details:
 7. Under torchrun each process holds whole groups: centred rewards, Q and targets are per response and per group
    (local); the token-mean denominator is the whole mini-batch's token count, summed over the processes.
 
-Defaults are tuned for the embedded countdown benchmark (see benchmarks/results/dph_rl_rover.md): learning_rate 2.5e-5,
-i.e. GRPO's 1e-4 per rollout spread over the 4 mini-batches (1e-4 per mini-batch sharpened the policy more than GRPO:
-pass@64 0.893 vs GRPO's 0.924). Paper defaults:
-rho 1, beta 1 (0.2-1 stable, 0 collapses entropy and length), group_size 8 (5 on countdown), lr 1e-6, 128 prompts per
-batch in 4 mini-batches, temperature 1.0 (0.6 for math), rewards r - mean_g r (countdown) / --std-norm (math script).
+Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; see
+benchmarks/results/dph_rl_rover.md): learning_rate 2.5e-5, i.e. GRPO's 1e-4 per rollout spread over the 4
+mini-batches (1e-4 per mini-batch sharpened the policy more than GRPO: pass@64 0.893 vs GRPO's 0.924). Paper
+defaults: rho 1, beta 1 (0.2-1 stable, 0 collapses entropy and length), group_size 8 (5 on countdown), lr 1e-6, 128
+prompts per batch in 4 mini-batches, temperature 1.0 (0.6 for math), rewards r - mean_g r (countdown) / --std-norm
+(math script).
 """
 
 import os
@@ -83,7 +84,7 @@ class Args:
     model_name: str = common.EMBEDDED_MODEL
     """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (3 numbers), countdown4, gsm8k or math"""
+    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
     dataset: str = ""
     """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
     max_new_tokens: int = 32
@@ -95,13 +96,15 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate on the test split every this many steps (and before the first and after the last)"""
+    """evaluate every this many steps (and before the first and after the last)"""
     eval_prompts: int = 512
-    """number of test prompts to evaluate on"""
+    """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
+    eval_split: Literal["test", "val"] = "test"
+    """split to evaluate on: val (carved from train) for tuning, test only for reported numbers"""
     eval_samples: int = 8
-    """samples per test prompt for mean@n and pass@k during training"""
+    """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per test prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
@@ -198,7 +201,7 @@ if __name__ == "__main__":
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, test_items = task.train_items(), task.test_items()[: args.eval_prompts]
+    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard()
     start_step = 1
@@ -213,7 +216,7 @@ if __name__ == "__main__":
     print(f"run folder: {logger.run_dir}")
 
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -310,9 +313,9 @@ if __name__ == "__main__":
         metrics["losses/next_value_mean"] = sums["next_value"] / sums["tokens"]
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, test_items, args.final_eval_samples, **eval_kwargs))
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
         if args.log_completions_every and step % args.log_completions_every == 0:

@@ -61,12 +61,14 @@ def fmt(values: list[float], digits: int = 3) -> str:
 
 
 def evals(run: dict) -> list[dict]:
-    """Evaluation records (step, metrics) with every `eval/mean@n` also under the common key `eval/mean@n`."""
+    """Evaluation records (step, metrics) with every `eval/[subset/]mean@<n>` also under the common key
+    `eval/[subset/]mean@n`."""
     out = []
     for record in run["records"]:
         if "eval/greedy_acc" in record:
             record = dict(record)
-            record.update({"eval/mean@n": v for k, v in record.items() if k.startswith("eval/mean@") and k[10:].isdigit()})
+            record.update({k.split("mean@")[0] + "mean@n": v for k, v in record.items()
+                           if "/mean@" in k and k.split("mean@")[1].isdigit()})  # eval/mean@64 -> eval/mean@n, ...
             out.append(record)
     return out
 
@@ -102,9 +104,14 @@ def law_points(runs: list[dict]) -> tuple[list[float], list[float]]:
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def second_skill(records: list[dict]) -> str:
+    """mean@n on the second skill (a skill the runs do not train: a fall is forgetting), or – for a task without one."""
+    return fmt([e["eval/second_skill/mean@n"] for e in records if "eval/second_skill/mean@n" in e])
+
+
 def summary_table(groups: dict[str, list[dict]], timings: dict) -> str:
     header = ["algorithm", "seeds", "greedy acc", "mean@n"] + [f"pass@{k}" for k in PASS_KS] + [
-        "final entropy", "distinct correct", "law a", "law b", "wall time (s)", "s / step"]
+        "final entropy", "distinct correct", "second skill mean@n", "law a", "law b", "wall time (s)", "s / step"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base_runs = [run for runs in groups.values() for run in runs if evals(run) and evals(run)[0]["step"] == 0]
     if base_runs:
@@ -112,7 +119,7 @@ def summary_table(groups: dict[str, list[dict]], timings: dict) -> str:
         cells = ["base model", str(len(base)), fmt([e["eval/greedy_acc"] for e in base]),
                  fmt([e["eval/mean@n"] for e in base])]
         cells += [fmt([e[f"eval/pass@{k}"] for e in base if f"eval/pass@{k}" in e]) for k in PASS_KS]
-        cells += ["–", fmt([e["eval/distinct_correct"] for e in base], 2)] + ["–"] * 4
+        cells += ["–", fmt([e["eval/distinct_correct"] for e in base], 2), second_skill(base)] + ["–"] * 4
         lines.append("| " + " | ".join(cells) + " |")
     for algo, runs in groups.items():
         done = [run for run in runs if finished(run)]
@@ -126,7 +133,8 @@ def summary_table(groups: dict[str, list[dict]], timings: dict) -> str:
         seconds = [timings.get(algo, {}).get(str(run["config"]["seed"])) for run in done]
         cells = [algo, str(len(done)), fmt([e["eval/greedy_acc"] for e in final]), fmt([e["eval/mean@n"] for e in final])]
         cells += [fmt([e[f"eval/pass@{k}"] for e in final if f"eval/pass@{k}" in e]) for k in PASS_KS]
-        cells += [fmt(last_entropy), fmt([e["eval/distinct_correct"] for e in final], 2), f"{a:.3f}", f"{b:.3f}",
+        cells += [fmt(last_entropy), fmt([e["eval/distinct_correct"] for e in final], 2), second_skill(final),
+                  f"{a:.3f}", f"{b:.3f}",
                   fmt([s for s in seconds if s is not None], 0),
                   fmt([statistics.mean([r["time/step"] for r in run["records"] if "time/step" in r]) for run in done])]
         lines.append("| " + " | ".join(cells) + " |")

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from report import evals, read_run  # the same folder: one reader of run folders for both scripts
 
-COLUMNS = ["eval/greedy_acc", "eval/mean@n", "eval/pass@8", "eval/pass@64", "eval/distinct_correct"]
+COLUMNS = ["eval/greedy_acc", "eval/mean@n", "eval/pass@8", "eval/pass@64", "eval/distinct_correct",
+           "eval/second_skill/mean@n"]
 
 
 def load_run(run_dir: Path) -> dict:

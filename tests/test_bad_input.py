@@ -1,6 +1,7 @@
 """Bad input at every entry point: a clear one-line error or a reward of 0, in bounded time, never a deep traceback."""
 
 import json
+import time
 
 import pytest
 from conftest import run_python
@@ -27,13 +28,23 @@ COUNTDOWN_OUTPUTS = [
     ("huge literals in an expression", "3*5+7+" + "9" * 150),
     ("python code", "__import__('os').system('true')"),
     ("division by zero", "3*5+7/(5-5)"),
+    ("division by zero in a step", "5-5=0,7/0=0,3*5=15"),
+    ("many opening tags", "<answer>" * 200_000),
+    ("an unclosed tag", "<answer>" + "3*5=15," * 150_000),
+    ("a megabyte inside tags", "<answer>" + "1" * 1_000_000 + "</answer>"),
+    ("a megabyte of steps", "3*5=15," * 150_000 + "15+7=22"),
 ]
 
 
 @pytest.mark.parametrize("label,response", COUNTDOWN_OUTPUTS, ids=[c[0] for c in COUNTDOWN_OUTPUTS])
 def test_countdown_bad_output_gets_reward_zero(label, response):
-    correct, parsed = common.verify_countdown(NUMS, TARGET, response)
-    assert correct is False and isinstance(parsed, bool)
+    for steps in (True, False):
+        start = time.perf_counter()
+        correct, parsed = common.verify_countdown(NUMS, TARGET, response, steps)
+        assert correct is False and isinstance(parsed, bool)
+        # a hang guard, not a speed test: the extraction is linear and the parser sees at most 200 characters
+        # (a quadratic scan of these megabyte inputs takes minutes)
+        assert time.perf_counter() - start < 5
 
 
 MATH_OUTPUTS = [

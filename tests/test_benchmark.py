@@ -124,3 +124,19 @@ def test_gpu_speed_script_runs_every_path_on_the_cpu(tmp_path):
     assert record["train"]["tokens"] == 4 * (4 + 6) and record["train"]["tokens_per_s"] > 0
     assert record["train"]["mfu"] is None  # no known peak on a CPU
     assert "| rollout: continuous |" in result.stdout
+
+
+def test_committed_base_model_was_built_by_the_script_defaults():
+    """`python benchmarks/make_tiny_base.py` with no flags rebuilds the committed model: its recorded arguments are
+    the script's defaults, and it recorded every gate the README reports."""
+    from dataclasses import asdict
+
+    make_tiny_base = load("make_tiny_base")
+    built = json.loads((REPO_ROOT / "benchmarks" / "tiny-countdown" / "build_metrics.json").read_text())
+    defaults = asdict(make_tiny_base.Args())
+    assert built["args"] == {k: v for k, v in defaults.items() if k != "measure_only"}
+    n = defaults["eval_samples"]
+    for key in ("eval/greedy_acc", f"eval/mean@{n}", "eval/pass@16", "eval/pass@64", f"eval/second_skill/mean@{n}",
+                "eval/one_solution/pass@64", "eval/several_solutions/distinct_correct", "em_rl/sequence_reward_ranks_right",
+                "em_rl/token_reward_ranks_right", "dph_rl/solved_8_of_8_share", "prime/prm_acc_before"):
+        assert 0 <= built[key] <= (n if "distinct" in key else 1), key

@@ -98,7 +98,7 @@ def test_reloaded_embedded_model_solves_countdown(embedded):
     """Catches a tokenizer or weights that do not survive save -> from_pretrained (a broken reload scores ~0%)."""
     model, tokenizer = embedded
     task = common.get_task("countdown")
-    metrics = common.evaluate(model, tokenizer, task, task.test_items()[:64], 0, 1.0, task.max_new_tokens)
+    metrics = common.evaluate(model, tokenizer, task, task.items("test")[:64], 0, 1.0, task.max_new_tokens)
     assert metrics["eval/greedy_acc"] >= 0.25
 
 
@@ -133,13 +133,19 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
         common.load_model_and_tokenizer("some-org/some-model-that-is-not-cached")
 
 
-def test_evaluate_reports_every_metric(embedded):
+def test_evaluate_reports_every_metric_and_each_subset(embedded):
     model, tokenizer = embedded
     task = common.get_task("countdown")
+    items = task.eval_items("test", 8)  # 4 one-solution and 4 several-solution prompts, then 4 of the second skill
     torch.manual_seed(0)
-    metrics = common.evaluate(model, tokenizer, task, task.test_items()[:8], 4, 1.0, task.max_new_tokens)
-    assert set(metrics) == {"eval/greedy_acc", "eval/mean@4", "eval/pass@1", "eval/pass@2", "eval/pass@4",
-                            "eval/distinct_correct"}
+    metrics = common.evaluate(model, tokenizer, task, items, 4, 1.0, task.max_new_tokens)
+    names = ["greedy_acc", "mean@4", "pass@1", "pass@2", "pass@4", "distinct_correct"]
+    prefixes = ["", "one_solution/", "several_solutions/", "second_skill/"]
+    assert set(metrics) == {f"eval/{prefix}{name}" for prefix in prefixes for name in names}
     assert metrics["eval/pass@1"] == pytest.approx(metrics["eval/mean@4"])  # pass@1 is the mean accuracy
     assert metrics["eval/pass@1"] <= metrics["eval/pass@2"] <= metrics["eval/pass@4"]
-    assert 0 <= metrics["eval/distinct_correct"] <= 4
+    assert 0 <= metrics["eval/distinct_correct"] <= 4 and metrics["eval/one_solution/distinct_correct"] <= 1
+    for name in names:  # the trained task's metrics cover its own prompts only: the mean of its two equal halves
+        halves = metrics[f"eval/one_solution/{name}"] + metrics[f"eval/several_solutions/{name}"]
+        assert metrics[f"eval/{name}"] == pytest.approx(halves / 2)
+    assert metrics["eval/second_skill/mean@4"] > metrics["eval/mean@4"]  # the base computes far better than it searches

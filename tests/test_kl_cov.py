@@ -86,7 +86,7 @@ def _run_script(flags, tmp_path):
 
 @pytest.mark.parametrize("mini_batches", [4, 1])
 def test_script_penalty_acts_only_with_several_mini_batches(mini_batches, tmp_path):
-    result = _run_script(["--num-steps", "1", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "4",
+    result = _run_script(["--num-steps", "1", "--prompts-per-step", "16", "--group-size", "4", "--eval-prompts", "4",
                           "--final-eval-samples", "2", "--num-mini-batches", str(mini_batches)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     (run_dir,) = tmp_path.iterdir()

@@ -76,11 +76,13 @@ def gsm8k_folder(tmp_path):
 
 def test_gsm8k_from_a_local_folder(gsm8k_folder, capsys):
     task = common.get_task("gsm8k", dataset=str(gsm8k_folder))
-    train, test = task.train_items(), task.test_items()
-    assert len(train) == 11 and len(test) == 3  # 10 good + the thousands one; 3 malformed rows skipped
+    train, val, test = task.train_items(), task.items("val"), task.items("test")
+    # 10 good rows + the thousands one, 3 malformed rows skipped; the last 10% (one row) is the validation split
+    assert len(train) == 10 and len(val) == 1 and len(test) == 3
     assert "skipped 3 malformed row(s)" in capsys.readouterr().err
     assert train[0] == {"question": "Tom has 0 apples and buys 1 more. How many now?", "gold": "1"}
-    assert train[-1]["gold"] == "1234"
+    assert val[0]["gold"] == "1234" and val[0] not in train
+    assert task.eval_items("val", 5) == val and task.eval_items("test", 2) == test[:2]
     assert task.prompt(train[0]).endswith("put your final answer within \\boxed{}.\n")
     assert task.verify(train[3], "3 + 4 = 7, so \\boxed{7}") == (True, True)
 
@@ -93,7 +95,7 @@ def test_math_gold_from_answer_or_boxed_solution(tmp_path):
     write_jsonl(tmp_path / "test.jsonl", rows[:1])
     task = common.get_task("math", dataset=str(tmp_path))
     assert [item["gold"] for item in task.train_items()] == ["\\frac{1}{2}", "4"]
-    assert task.verify(task.test_items()[0], "so \\boxed{0.5}") == (True, True)
+    assert task.verify(task.items("test")[0], "so \\boxed{0.5}") == (True, True)
 
 
 def test_chat_template_is_used_when_the_tokenizer_has_one(gsm8k_folder, embedded):
@@ -101,7 +103,7 @@ def test_chat_template_is_used_when_the_tokenizer_has_one(gsm8k_folder, embedded
     chat_tokenizer = type(tokenizer).from_pretrained(common.REPO_ROOT / common.EMBEDDED_MODEL)
     chat_tokenizer.chat_template = "{% for m in messages %}<user>{{ m['content'] }}</user>{% endfor %}<assistant>"
     task = common.get_task("gsm8k", dataset=str(gsm8k_folder), tokenizer=chat_tokenizer)
-    prompt = task.prompt(task.test_items()[0])
+    prompt = task.prompt(task.items("test")[0])
     assert prompt.startswith("<user>Tom has 0 apples") and prompt.endswith("</user><assistant>")
     countdown = common.get_task("countdown", tokenizer=chat_tokenizer)
     assert "<answer>" in countdown.prompt({"nums": [1, 2, 3], "target": 6})

@@ -14,7 +14,7 @@ import common
 def test_rollout_backends_give_the_same_greedy_responses(embedded):
     model, tokenizer = embedded
     task = common.get_task("countdown")
-    prompts = [task.prompt(item) for item in task.test_items()[:6]]
+    prompts = [task.prompt(item) for item in task.items("test")[:6]]
     rollouts = {backend: common.rollout(model, tokenizer, prompts, 2, 32, greedy=True, backend=backend)
                 for backend in common.ROLLOUT_BACKENDS}
     reference = rollouts["generate"]
