@@ -733,12 +733,17 @@ def _low_precision_copy(model):
     """For a model trained in fp32 under bf16 autocast: a bf16 copy holding its current weights. Static and paged KV
     caches hold one dtype, while autocast gives bf16 values but fp32 keys (rotary embeddings in the weights' dtype);
     continuous batching also decodes in a worker thread, which the caller's autocast does not reach. Made once,
-    refreshed on every call; the model itself where no autocast is set (the CPU)."""
+    refreshed on every call; the model itself where no autocast is set (the CPU). Only the parameters are cast:
+    buffers keep the model's dtype (RoPE's fp32 `inv_freq` in bf16 would shift the rotary angles by ~0.1 rad at
+    position 500, so sampling would drift off-policy on long responses)."""
     dtype = getattr(model, "autocast_dtype", None)
     if dtype is None:
         return model
     if model not in _LOW_PRECISION_COPIES:
-        _LOW_PRECISION_COPIES[model] = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+        shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        for param in shadow.parameters():
+            param.data = param.data.to(dtype)
+        _LOW_PRECISION_COPIES[model] = shadow
     shadow = _LOW_PRECISION_COPIES[model]
     for target, source in zip(shadow.parameters(), model.parameters(), strict=True):
         target.copy_(source)

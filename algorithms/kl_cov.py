@@ -93,8 +93,8 @@ class Args:
     """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
     dataset: str = ""
     """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
-    max_new_tokens: int = 32
-    """maximum response length in tokens"""
+    max_new_tokens: int | None = None
+    """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -240,12 +240,15 @@ if __name__ == "__main__":
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
     if args.micro_batch_tokens < 0:
         raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens  # the task's own length unless given
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
@@ -260,6 +263,7 @@ if __name__ == "__main__":
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
     print(f"run folder: {logger.run_dir}")
+    print(f"max new tokens: {args.max_new_tokens}")
     if args.num_mini_batches * args.num_epochs == 1:
         print("note: one optimizer step per rollout keeps the KL-Cov penalty at zero (plain policy gradient)")
 

@@ -134,7 +134,7 @@ def qwen_style_model_and_gsm8k(tmp_path_factory, embedded):
     _, tokenizer = embedded
     root = tmp_path_factory.mktemp("real_style")
     config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                          tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
     Qwen2ForCausalLM(config).save_pretrained(root / "model")
@@ -162,6 +162,38 @@ def test_every_file_runs_a_chat_model_on_gsm8k_with_the_scale_flags(name, qwen_s
     assert steps == [0, 1, 2]
     saved, _ = common.load_model_and_tokenizer(str(run_dir / "model"))
     assert type(saved).__name__ == "Qwen2ForCausalLM"
+    assert json.loads((run_dir / "config.json").read_text())["max_new_tokens"] == 12  # the flag wins
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_every_file_generates_the_tasks_own_length_unless_told(name, qwen_style_model_and_gsm8k, tmp_path):
+    # without --max-new-tokens a gsm8k run generates up to gsm8k's 512 tokens (not countdown's 32), says so, and records it
+    root = qwen_style_model_and_gsm8k
+    flags = ["--model-name", str(root / "model"), "--task", "gsm8k", "--dataset", str(root / "gsm8k"), "--num-steps", "1",
+             "--prompts-per-step", "2", "--group-size", "2", "--eval-prompts", "2", "--eval-samples", "1",
+             "--final-eval-samples", "1"]
+    result = run_python([f"algorithms/{name}.py", *flags, *SETUP_FLAGS.get(name, []), "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "max new tokens: 512\n" in result.stdout
+    (run_dir,) = tmp_path.iterdir()
+    assert json.loads((run_dir / "config.json").read_text())["max_new_tokens"] == 512
+    assert common.get_task("gsm8k").max_new_tokens == 512 and common.get_task("countdown").max_new_tokens == 32
+
+
+def test_bf16_decode_copy_casts_parameters_only():
+    # --rollout static|continuous decode from a bf16 copy of an fp32 policy; RoPE's inv_freq (a buffer) stays fp32
+    model, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    model.autocast_dtype = torch.bfloat16  # what load_model_and_tokenizer sets on a GPU with --bf16
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # the copy holds the policy's current weights, not the saved ones
+        copy = common._low_precision_copy(model)
+    buffers = dict(model.named_buffers())
+    assert any("inv_freq" in name for name in buffers)
+    for name, buffer in copy.named_buffers():
+        assert buffer.dtype == buffers[name].dtype == torch.float32, name
+        torch.testing.assert_close(buffer, buffers[name], rtol=0, atol=0)
+    for (name, param), source in zip(copy.named_parameters(), model.parameters(), strict=True):
+        assert param.dtype == torch.bfloat16 and torch.equal(param, source.to(torch.bfloat16)), name
 
 
 def test_bf16_autocast_paths_run(embedded):
