@@ -596,6 +596,7 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     The tokenizer pads on the left (for batched generation) and falls back to EOS as pad. The model's own
     generation_config is replaced by one that keeps only its special-token ids, so sampling is set by our flags
     alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy).
+    Dropout is switched off (`disable_dropout`).
 
     Precision: with `bf16` on a GPU, a model to train keeps fp32 weights (AdamW updates of ~1e-6 vanish in bf16) and
     computes in bf16 under autocast in `rollout` and `response_logprobs`; a `frozen` model (reference, never trained)
@@ -611,6 +612,7 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     except OSError as exc:
         hint = " (offline: pass a local path)" if os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc) else ""
         raise UserInputError(f"could not load model {name!r}{hint}: {str(exc).splitlines()[0]}") from None
+    disable_dropout(model)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -624,6 +626,21 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     if gradient_checkpointing and not frozen:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tokenizer
+
+
+def disable_dropout(model) -> None:
+    """Dropout off in every model we load (as TRL does): with it on, two passes over the same tokens give different
+    log-probs, so the first, on-policy mini-batch would not have ratio 1 and approx_kl 0. Covers `nn.Dropout` modules
+    and the float rates that attention implementations read at forward time (module attributes and the config)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
 
 
 def autocast(model):

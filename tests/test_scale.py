@@ -211,3 +211,43 @@ def test_bf16_autocast_paths_run(embedded):
     torch.testing.assert_close(stats.logp * mask, fp32.logp * mask, atol=0.1, rtol=0.1)
     (stats.logp * mask).sum().backward()
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.fixture(scope="module")
+def dropout_model(tmp_path_factory, embedded):
+    """A tiny GPT-2 (random) with dropout 0.1 everywhere, saved with the embedded char tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    _, tokenizer = embedded
+    folder = tmp_path_factory.mktemp("dropout") / "model"
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=128, resid_pdrop=0.1,
+                        embd_pdrop=0.1, attn_pdrop=0.1, eos_token_id=tokenizer.eos_token_id,
+                        bos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_dropout_is_off_in_every_loaded_model(dropout_model):
+    # every model a script uses (policy, reference, PRM) comes from load_model_and_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    raw = AutoModelForCausalLM.from_pretrained(dropout_model).train()
+    assert not torch.equal(raw(ids).logits, raw(ids).logits)  # dropout on: two passes differ
+    for frozen in (False, True):
+        model, _ = common.load_model_and_tokenizer(str(dropout_model), frozen=frozen)
+        model.train()
+        assert torch.equal(model(ids).logits, model(ids).logits)
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_first_mini_batch_is_on_policy_with_a_dropout_model(dropout_model, tmp_path):
+    # from step 2 on the old log-probs come from the policy in train mode: ratio 1 needs dropout off
+    result = run_python(["algorithms/grpo.py", "--model-name", str(dropout_model), *TINY_BUDGET,
+                         "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    records = {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert records[2]["losses/approx_kl"] == pytest.approx(0.0, abs=1e-7) and records[2]["losses/clipfrac"] == 0.0
