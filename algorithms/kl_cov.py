@@ -14,9 +14,11 @@ Implementation details:
 1. Rewards, groups, advantages, mask, log-probs and aggregation are GRPO's (see grpo.py): std-normalised group
    advantages broadcast to the valid tokens, old_logp frozen per rollout, token-mean by default, no KL to a reference.
 2. The penalty is zero when fully on-policy: on the first mini-batch of a rollout d = 0, and torch's gradient of |d|
-   at 0 is 0, so KL-Cov then is plain policy gradient. It acts only from the second optimizer step on a rollout, so
-   the default is num_mini_batches = 4 (the paper's recipe: 8 mini-batches per rollout); with one mini-batch and one
-   epoch the script says so and runs plain policy gradient. Four mini-batches at grpo.py's learning rate are four
+   at 0 is 0, so KL-Cov then is plain policy gradient. That mini-batch's old log-probs are taken from the selection
+   pass (same micro-batches, same padding trim as the gradient pass), so d is exactly 0, not float noise whose sign
+   the |d| gradient would follow. It acts only from the second optimizer step on a rollout, so the default is
+   num_mini_batches = 4 (the paper's recipe: 8 mini-batches per rollout); with one mini-batch and one epoch the
+   script says so and runs plain policy gradient. Four mini-batches at grpo.py's learning rate are four
    times its optimizer steps per rollout, which lowers the entropy by itself: compare with grpo.py --num-mini-batches 4.
 3. Selection is over the whole mini-batch, as the spec asks (the authors select per GPU micro-batch, an
    approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
@@ -300,6 +302,7 @@ if __name__ == "__main__":
         train_start = time.time()
         sums = defaultdict(float)
         policy.train()
+        on_policy = True  # until the rollout's first optimizer step
         for epoch in range(args.num_epochs):
             order = torch.randperm(len(rewards), device=device)
             for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
@@ -313,6 +316,9 @@ if __name__ == "__main__":
                                                                   response_len, args.temperature,
                                                                   trim=args.micro_batch_tokens > 0).logp
                                          for idx in micro_batches])  # (b, T)
+                    if on_policy:  # the policy is the sampling one: these are its old log-probs, computed exactly as
+                        old_logp[rows] = mb_logp  # the gradient pass computes them (so d = 0 under any micro-batching)
+                        on_policy = False
                     mb_cov = token_covariance(mb_logp, advantages[rows], mask[rows])  # (b, T)
                     mb_selected = kl_cov_select(mb_cov, mask[rows], args.kl_cov_ratio)  # (b, T)
                     selected = torch.zeros_like(mask, dtype=torch.bool)
