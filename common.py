@@ -177,7 +177,9 @@ def _steps_tree(steps: list[tuple[int, str, int, int]], nums: list[int] | None =
     """The expression tree that `steps` build, and whether they are a valid solution over `nums`: every step takes
     two available numbers (a given one, or an earlier step's result; each used once), its written result is exactly
     a op b, and at the end one number is left (the last result). An operand equal to an unused earlier result is read
-    as that result (the latest one), so chained steps give one tree whatever `nums` hold."""
+    as that result (the latest one), so chained steps give one tree whatever `nums` hold. The values, and so the
+    verdict, never depend on that choice; the tree can: when a result equals a given number or another result, the
+    same solution written in another step order may read as another tree (another canonical form)."""
     available = Counter(nums or [])
     results: list[tuple[int, object]] = []  # (value, tree) of the results not used yet, oldest first
     valid = nums is not None

@@ -196,6 +196,8 @@ if __name__ == "__main__":
         raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
+    if args.fsdp and args.rollout == "continuous":  # refused before any model loads
+        raise common.UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging

@@ -126,6 +126,7 @@ CLI_CASES = [
     (["--temperature", "0"], "error: the sampling temperature must be > 0"),
     (["--micro-batch-tokens", "-1"], "error: --micro-batch-tokens must be >= 0"),
     (["--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),
+    (["--fsdp", "--rollout", "continuous", "--model-name", "./no/such/folder"], "error: --rollout continuous does not"),
     (["--rollout", "vllm"], None),  # tyro's own message: not one of generate, static, continuous
     (["--loss-agg", "bogus"], None),  # tyro's own message
     (["--learning-rate", "fast"], None),
