@@ -17,6 +17,7 @@ countdown rows also hold `solutions`, the number of distinct solutions up to com
 import json
 import random
 import sys
+from fractions import Fraction
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -54,14 +55,10 @@ SPECS = {
 
 
 def step_value(op: str, a: int, b: int) -> int | None:
-    """a op b if it is a non-negative integer (a result the step rules can write), else None."""
-    if op == "+":
-        return a + b
-    if op == "-":
-        return a - b if a >= b else None
-    if op == "*":
-        return a * b
-    return a // b if b and a % b == 0 else None
+    """a op b if it is a non-negative integer (a result the step rules can write), else None: the verifier's
+    arithmetic (`common._apply`), so instances and checks cannot disagree."""
+    value = common._apply(op, Fraction(a), Fraction(b))
+    return int(value) if value is not None and value >= 0 and value.denominator == 1 else None
 
 
 @lru_cache(maxsize=None)

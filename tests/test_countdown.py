@@ -221,13 +221,13 @@ def step_tree_over(draw, nums):
     return nodes[0]
 
 
-def _walk(tree) -> tuple[int, list[int], list[int]]:
-    """(value, values of the tree's steps, its given numbers)."""
+def _walk(tree) -> tuple[int, list[int]]:
+    """(value, values of the tree's steps)."""
     if isinstance(tree, int):
-        return tree, [], [tree]
-    (va, ra, la), (vb, rb, lb) = _walk(tree[1]), _walk(tree[2])
+        return tree, []
+    (va, ra), (vb, rb) = _walk(tree[1]), _walk(tree[2])
     value = countdown_data.step_value(tree[0], va, vb)
-    return value, ra + rb + [value], la + lb
+    return value, ra + rb + [value]
 
 
 @settings(max_examples=300, deadline=None)
@@ -237,7 +237,8 @@ def test_every_constructed_solution_is_accepted_and_written_any_way_has_one_form
     if drawn is None:
         return
     tree, value = drawn
-    _, results, leaves = _walk(tree)
+    _, results = _walk(tree)
+    leaves = countdown_data.leaves(tree)
     steps = results[:-1]  # a step value equal to a given number or to another step's: see the next test
     ambiguous = bool(set(steps) & set(leaves)) or len(set(steps)) < len(steps)
     seed = data.draw(st.integers(0, 10**6))
