@@ -677,9 +677,9 @@ class Rollout:
     prompt_len: int
 
     @property
-    def lengths(self) -> torch.Tensor:
-        """(B,) real tokens per row: the prompt without its padding and the response up to its first EOS."""
-        return self.attention_mask[:, : self.prompt_len].sum(-1) + self.response_mask.sum(-1)
+    def widths(self) -> torch.Tensor:
+        """(B, 2) real tokens per row: the prompt without its padding, and the response up to its first EOS."""
+        return torch.stack([self.attention_mask[:, : self.prompt_len].sum(-1), self.response_mask.sum(-1)], -1)
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
@@ -809,55 +809,102 @@ class TokenStats:
     vocab_mean: torch.Tensor | None = None  # mean over the vocabulary of the log-probs (ROVER's uniform-policy value)
 
 
+LOGITS_CHUNK = 2**24
+"""At most this many fp32 logits (64 MB: ~110 rows of a 152k vocabulary), and 1/16 of the rows, go through fp32 at once
+in `_LogitStats`: its few temporaries stay small beside the logits themselves."""
+
+
+def _logit_chunk(logits: torch.Tensor) -> int:
+    return max(1, min(LOGITS_CHUNK // logits.shape[1], logits.shape[0] // 16))
+
+
+class _LogitStats(torch.autograd.Function):
+    """From (n, V) logits x and taken tokens y (n,): with z = x / temperature, log p(y) = z_y - logsumexp(z), the entropy
+    H = logsumexp(z) - sum_v p_v z_v and the vocabulary mean of log p. Rows go through fp32 in chunks of
+    LOGITS_CHUNK elements, so no fp32 copy of the logits exists. The backward recomputes softmax chunk by chunk,
+    d log p(y)/dz = onehot(y) - p and dH/dz = -p (log p + H), and writes the logits' gradient over the logits (saved
+    for it and read by nothing else): one (n, V) tensor is alive in either pass."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, with_entropy: bool):
+        n = logits.shape[0]
+        logp, entropy, vocab_mean = (logits.new_zeros(n, dtype=torch.float32) for _ in range(3))
+        chunk = _logit_chunk(logits)
+        for s in range(0, n, chunk):
+            z = logits[s:s + chunk].float() / temperature
+            lse = z.logsumexp(-1)
+            logp[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None]).squeeze(-1) - lse
+            vocab_mean[s:s + chunk] = z.mean(-1) - lse
+            if with_entropy:
+                entropy[s:s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
+        ctx.save_for_backward(logits, tokens, entropy)
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an output nothing depends on gets None, and its term is skipped
+        ctx.mark_non_differentiable(vocab_mean)
+        return logp, entropy, vocab_mean
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _):
+        logits, tokens, entropy = ctx.saved_tensors
+        chunk = _logit_chunk(logits)
+        for s in range(0, logits.shape[0], chunk):
+            log_p = torch.log_softmax(logits[s:s + chunk].float() / ctx.temperature, -1)
+            p = log_p.exp()
+            grad = torch.zeros_like(p)
+            if grad_logp is not None:
+                g = grad_logp[s:s + chunk, None]
+                grad.scatter_(-1, tokens[s:s + chunk, None], g).sub_(p * g)
+            if grad_entropy is not None:
+                grad.sub_(log_p.add_(entropy[s:s + chunk, None]).mul_(p).mul_(grad_entropy[s:s + chunk, None]))
+            logits[s:s + chunk] = grad.div_(ctx.temperature)
+        return logits, None, None, None
+
+
 def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
                       temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
-                      with_vocab_mean: bool = False, chunk_size: int | None = None, trim: bool = False) -> TokenStats:
-    """Statistics of every response token from temperature-scaled fp32 logits.
+                      with_vocab_mean: bool = False, micro_batch_size: int | None = None,
+                      micro_batch_tokens: int = 0) -> TokenStats:
+    """Statistics of every response token from temperature-scaled fp32 logits (`_LogitStats`: the model's logits
+    are the only (rows, T, V) tensor alive, in the forward and in the backward pass).
 
     `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response; the logits that predict
-    response token t sit at position P - 1 + t. Rows are processed `chunk_size` at a time, so at most one
-    (chunk, T, V) fp32 tensor is alive. Gradients flow to `logp` when grad is enabled; to the entropy only with
-    `entropy_grad` (entropy minimisation); never to `vocab_mean` (used only inside stop-gradient targets).
-    Entropy: H = logsumexp(z) - sum softmax(z) z. Vocabulary mean: mean_v log_softmax(z)_v = mean(z) - logsumexp(z).
+    response token t sit at position P - 1 + t. The rows go through the model in `micro_batches` of at most
+    `micro_batch_size` rows and, with `micro_batch_tokens`, of at most that many tokens (the no-grad passes of a
+    step; a gradient pass calls this once per micro-batch). Columns that are padding in every row of a micro-batch
+    (prompt padding on the left, positions after every row's first EOS on the right) are cut before the forward pass:
+    the valid positions get the same values up to float rounding, since a causal model never looks right. Gradients
+    flow to `logp` when grad is enabled; to the entropy only with `entropy_grad` (entropy minimisation); never to
+    `vocab_mean` (ROVER's uniform-policy value, used only inside stop-gradient targets).
 
     Positions after a row's first EOS (outside every response mask) come back as 0 in every statistic, whatever the
-    chunking, so ratios like exp(logp - old_logp) there are exp(0) = 1 and never overflow.
-    `trim` (token-budget micro-batches): columns that are padding in every row of a chunk (prompt padding on the
-    left, positions after every row's first EOS on the right) are cut before the forward pass. The valid positions
-    get the same values up to float rounding (a causal model never looks right)."""
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    chunk_size = chunk_size or input_ids.shape[0]
+    micro-batches, so ratios like exp(logp - old_logp) there are exp(0) = 1 and never overflow."""
     config = getattr(unwrap(model), "generation_config", None)
     eos = eos_ids(unwrap(model)) if getattr(config, "eos_token_id", None) is not None else []  # [] : no EOS known
-    logps, entropies, vocab_means = [], [], []
-    for start in range(0, input_ids.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        valid = response_mask_from_ids(input_ids[rows, -response_len:], eos).bool()  # (b, T)
-        first, T = 0, response_len  # columns first .. P + T of this chunk go through the model
-        if trim:
-            first = int((attention_mask[rows].sum(0) == 0).long().cumprod(0).sum())  # all-padding prompt columns
-            T = max(1, int(valid.sum(-1).max()))
-        end = input_ids.shape[1] - response_len + T
+    valid = response_mask_from_ids(input_ids[:, -response_len:], eos).bool()  # (B, T)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    widths = torch.stack([attention_mask[:, :-response_len].sum(-1), valid.sum(-1)], -1)  # (B, 2)
+    B, width = input_ids.shape
+    stats = [input_ids.new_zeros(B, response_len, dtype=torch.float32) for _ in range(3)]  # logp, entropy, vocab mean
+    collective = model is not unwrap(model) or is_fsdp(model)  # DDP or FSDP: every process runs as many forwards
+    for rows in micro_batches(torch.arange(B, device=input_ids.device), widths, micro_batch_size or B,
+                              micro_batch_tokens, even=collective):
+        first = width - response_len - int(widths[rows, 0].max())  # columns first .. P + T of these rows go through
+        T = max(1, int(widths[rows, 1].max()))
+        end = width - response_len + T
         with autocast(model):
             logits = model(input_ids=input_ids[rows, first:end], attention_mask=attention_mask[rows, first:end],
                            position_ids=position_ids[rows, first:end], logits_to_keep=T + 1,
-                           use_cache=False).logits[:, :-1]  # (b, T, V)
-        logits = logits.float() / temperature
-        log_probs = torch.log_softmax(logits, dim=-1)
-
-        def full_width(x):  # back to the response's width; 0 after each row's first EOS
-            return torch.where(valid, torch.nn.functional.pad(x, (0, response_len - T)), 0.0)
-
-        logps.append(full_width(log_probs.gather(-1, input_ids[rows, end - T:end, None]).squeeze(-1)))
-        if with_entropy:
-            with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
-                entropies.append(full_width(torch.logsumexp(logits, -1) - (log_probs.exp() * logits).sum(-1)))
-        if with_vocab_mean:
-            with torch.no_grad():
-                vocab_means.append(full_width(log_probs.mean(-1)))
-        del logits, log_probs
-    return TokenStats(torch.cat(logps), torch.cat(entropies) if with_entropy else None,
-                      torch.cat(vocab_means) if with_vocab_mean else None)
+                           use_cache=False).logits  # (b, T + 1, V); the last position predicts past the window
+        tokens = torch.nn.functional.pad(input_ids[rows, end - T:end], (0, 1))  # (b, T + 1)
+        logp, entropy, vocab_mean = _LogitStats.apply(logits.flatten(0, 1), tokens.flatten(), temperature, with_entropy)
+        if not entropy_grad:
+            entropy = entropy.detach()
+        for stat, values in zip(stats, (logp, entropy, vocab_mean)):
+            values = values.view(len(rows), T + 1)[:, :-1]
+            stat[rows] = torch.where(valid[rows], torch.nn.functional.pad(values, (0, response_len - T)), 0.0)
+        del logits
+    logp, entropy, vocab_mean = stats
+    return TokenStats(logp, entropy if with_entropy else None, vocab_mean if with_vocab_mean else None)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_processes: bool = False) -> torch.Tensor:
@@ -958,6 +1005,23 @@ def init_distributed(use_cuda: bool = True) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def check_shared_args(args) -> None:
+    """One-line errors, before any model loads, for the flags every script shares; sets `args.max_new_tokens` to the
+    task's own response length unless it was given."""
+    if args.task not in TASKS:
+        raise UserInputError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
+    args.max_new_tokens = args.max_new_tokens or TASKS[args.task].max_new_tokens
+    if args.micro_batch_tokens < 0:
+        raise UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
+    if 0 < args.micro_batch_tokens <= args.max_new_tokens:
+        raise UserInputError(f"--micro-batch-tokens {args.micro_batch_tokens} is smaller than one row: a prompt and up "
+                             f"to {args.max_new_tokens} response tokens")
+    if args.fsdp and args.rollout == "continuous":
+        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+
+
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
@@ -1053,25 +1117,30 @@ def data_parallel(model, fsdp: bool = False):
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, max_rows: int, max_tokens: int = 0) -> list[torch.Tensor]:
-    """Split the rows of one optimizer step into micro-batches (gradient accumulation: memory only, the loss is the
-    same). `lengths` (B,) counts each row's real tokens (`Rollout.lengths`). Without `max_tokens`: chunks of
-    `max_rows` in the given order. With it: rows sorted by length are packed while rows x longest <= max_tokens
-    (at most `max_rows`), so short responses share a micro-batch and long ones get few companions; use with
-    `response_logprobs(trim=True)`. Every process gets the same number of micro-batches (FSDP and DDP need
-    matching collective calls): a process with fewer splits its largest ones."""
+def micro_batches(rows: torch.Tensor, widths: torch.Tensor, max_rows: int, max_tokens: int = 0,
+                  even: bool = True) -> list[torch.Tensor]:
+    """Split `rows` into micro-batches (gradient accumulation: memory only, the loss is the same). `widths` (B, 2)
+    holds each row's prompt and response tokens without padding (`Rollout.widths`): a micro-batch's trimmed forward
+    (`response_logprobs`) is (longest prompt + longest response) wide. Without `max_tokens`: chunks of `max_rows` in
+    the given order. With it: rows sorted by width are packed while rows x that width <= max_tokens (at most
+    `max_rows`), so short responses share a micro-batch and long ones get few companions; a row wider than the
+    budget goes alone. With `even`, every process gets the same number of micro-batches (forward passes of DDP and
+    FSDP models are collective): a process with fewer splits its largest ones."""
     if not max_tokens:
         return list(rows.split(max_rows))
-    order = rows[torch.argsort(lengths[rows], descending=True, stable=True)]
-    lengths = lengths[order].tolist()
+    order = rows[torch.argsort(widths[rows].sum(-1), descending=True, stable=True)]
+    prompt, response = widths[order].T.tolist()
     batches, start = [], 0
     while start < len(order):
-        end = start + 1  # the first row is the longest of the micro-batch
-        while end < len(order) and end - start < max_rows and (end - start + 1) * lengths[start] <= max_tokens:
-            end += 1
+        end, longest = start + 1, [prompt[start], response[start]]
+        while end < len(order) and end - start < max_rows:
+            wider = [max(longest[0], prompt[end]), max(longest[1], response[end])]
+            if (end - start + 1) * sum(wider) > max_tokens:
+                break
+            end, longest = end + 1, wider
         batches.append(order[start:end])
         start = end
-    target = int(all_max(torch.tensor(len(batches))))
+    target = int(all_max(torch.tensor(len(batches)))) if even else len(batches)
     while len(batches) < target:
         largest = max(range(len(batches)), key=lambda i: len(batches[i]))
         if len(batches[largest]) < 2:
@@ -1079,6 +1148,35 @@ def micro_batches(rows: torch.Tensor, lengths: torch.Tensor, max_rows: int, max_
         half = len(batches[largest]) // 2
         batches[largest:largest + 1] = [batches[largest][:half], batches[largest][half:]]
     return batches
+
+
+def mini_batch_parts(rows: torch.Tensor, n_mini_batches: int, seed: int | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's part of each mini-batch of one shuffle of every process's `rows`, shared by all processes:
+    `[(rows (m,), weights (m,))]`, so N processes train on the mini-batches one process makes of the global batch.
+
+    The global batch is numbered rank by rank; a permutation drawn from `seed` alone (the same on every process and
+    for any number of processes; None: no shuffle) orders it, cut into `n_mini_batches` contiguous mini-batches. Each
+    part lists its rows in global order, so the parts concatenated in rank order are the one-process mini-batch. Parts
+    are padded to the largest process's with fillers (the process's first row, weight 0: they carry no loss), so that
+    every process runs as many micro-batches."""
+    counts = gather_lists([len(rows)])
+    first = sum(counts[: rank()])  # global number of this process's first row
+    n = sum(counts)
+    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    mine = [part[(part >= first) & (part < first + len(rows))].sort().values.to(rows.device) - first
+            for part in order.tensor_split(n_mini_batches)]
+    sizes = all_max(torch.tensor([len(part) for part in mine])).tolist()
+    filler = rows[:1] if len(rows) else rows.new_zeros(1)
+    return [(torch.cat([rows[part], filler.repeat(size - len(part))]),
+             torch.cat([torch.ones(len(part)), torch.zeros(size - len(part))]).to(rows.device))
+            for part, size in zip(mine, sizes)]
+
+
+def sum_over_processes(sums: dict, *keys: str) -> None:
+    """Replace `sums[key]` for each key by its sum over all processes (token sums and counts of a step's metrics, so
+    that their ratios are global means, whatever each process holds)."""
+    totals = all_sum(torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)).tolist()
+    sums.update(zip(keys, totals))
 
 
 def reduce_metrics(metrics: dict) -> dict:

@@ -117,7 +117,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
     """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
     fsdp: bool = False
@@ -235,9 +235,9 @@ class RehearsalSet:
     logp0: torch.Tensor  # (N, T) initial-model log-probs of the response tokens (temperature-scaled)
 
     @property
-    def lengths(self) -> torch.Tensor:
-        """(N,) real tokens per row (prompt and response), for token-budget micro-batches."""
-        return self.attention_mask[:, : -self.mask.shape[1]].sum(-1) + self.mask.sum(-1).long()
+    def widths(self) -> torch.Tensor:
+        """(N, 2) real prompt and response tokens per row, for token-budget micro-batches."""
+        return torch.stack([self.attention_mask[:, : -self.mask.shape[1]].sum(-1), self.mask.sum(-1).long()], -1)
 
 
 def presample_pool(policy, tokenizer, task, items: list[dict], args) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
@@ -283,7 +283,8 @@ def build_rehearsal_set(policy, responses: list[tuple], pad_id: int, args, devic
         mask[n, : len(response_ids)] = 1
     with torch.no_grad():
         logp0 = common.response_logprobs(policy, input_ids, attention_mask, T, args.temperature,
-                                         chunk_size=args.micro_batch_size).logp
+                                         micro_batch_size=args.micro_batch_size,
+                                         micro_batch_tokens=args.micro_batch_tokens).logp
     return RehearsalSet(input_ids, attention_mask, mask, logp0 * mask)
 
 
@@ -292,9 +293,9 @@ def rehearsal_backward(policy, rehearsal: RehearsalSet, rows: torch.Tensor, args
     to `sums`. L_pef is the token-mean over the whole batch (its tokens summed over all processes), and this
     process's share is multiplied by the processes, since DDP/FSDP average the gradients."""
     rehearsal_tokens = common.all_sum(rehearsal.mask[rows].sum())
-    for idx in common.micro_batches(rows, rehearsal.lengths, args.micro_batch_size, args.micro_batch_tokens):
+    for idx in common.micro_batches(rows, rehearsal.widths, args.micro_batch_size, args.micro_batch_tokens):
         logp = common.response_logprobs(policy, rehearsal.input_ids[idx], rehearsal.attention_mask[idx],
-                                        args.max_new_tokens, args.temperature, trim=args.micro_batch_tokens > 0).logp
+                                        args.max_new_tokens, args.temperature).logp
         f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence)  # (b, T) each
         rehearsal_loss = common.world_size() * (f_u * rehearsal.mask[idx]).sum() / rehearsal_tokens
         (args.eta * rehearsal_loss).backward()
@@ -320,19 +321,13 @@ if __name__ == "__main__":
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
     if args.divergence != "reverse-kl" and args.rehearsal_batch_size % world_size:
         raise common.UserInputError(f"rehearsal_batch_size must be a multiple of {world_size} processes")
-    if args.micro_batch_tokens < 0:
-        raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
-    if args.fsdp and args.rollout == "continuous":  # refused before any model loads
-        raise common.UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    common.check_shared_args(args)  # one-line errors before any model loads; the task's response length
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
-    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens  # the task's own length unless given
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
@@ -346,6 +341,7 @@ if __name__ == "__main__":
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
@@ -404,13 +400,13 @@ if __name__ == "__main__":
         logprob_start = time.time()
         with torch.no_grad():
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, chunk_size=args.micro_batch_size)
+                                           with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
             # ALGO LOGIC: reference log-probs for the KL term
             ref_logp = None
             if ref_model is not None:
                 ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                    args.temperature, chunk_size=args.micro_batch_size).logp
+                                                    args.temperature, **micro).logp
         time_logprobs = time.time() - logprob_start
 
         # ALGO LOGIC: advantages
@@ -420,47 +416,53 @@ if __name__ == "__main__":
         # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
+        rows = torch.arange(len(rewards), device=device)  # this process's responses
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(len(rewards), device=device)
-            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
-                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
+            # one shuffle of the global batch, the same on every process; each process trains on its rows of each
+            # mini-batch (fillers of weight 0 even out the processes' shares)
+            for mb, weights in common.mini_batch_parts(rows, args.num_mini_batches, hash((args.seed, step, epoch))):
+                mb_mask = mask[mb] * weights[:, None]  # (m, T); a filler has no token
+                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, over all processes
                 optimizer.zero_grad()
-                for idx in common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens):
+                for part in common.micro_batches(torch.arange(len(mb), device=device), ro.widths[mb],
+                                                 args.micro_batch_size, args.micro_batch_tokens):
+                    idx, idx_mask = mb[part], mb_mask[part]
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                                                    args.temperature).logp  # (b, T)
                     token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
                                                                args.clip_eps_high)
                     if ref_logp is not None:
                         kl = k3_kl(logp, ref_logp[idx])
                         token_loss = token_loss + args.eta * kl
-                        sums["kl"] += (kl.detach() * mask[idx]).sum().item()
+                        sums["kl"] += (kl.detach() * idx_mask).sum().item()
                     # L_exp: token-mean over the mini-batch; this process's share, times the processes (DDP/FSDP average)
-                    loss = world_size * (token_loss * mask[idx]).sum() / mb_tokens
+                    loss = world_size * (token_loss * idx_mask).sum() / mb_tokens
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
-                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
-                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
-                        sums["tokens"] += mask[idx].sum().item()
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * idx_mask).sum().item()
+                        sums["clipfrac"] += (clipped.float() * idx_mask).sum().item()
+                        sums["tokens"] += idx_mask.sum().item()
                         sums["policy_loss"] += loss.item()
                 if rehearsal is not None:  # eta * L_pef: token-mean over a batch of stored base-model successes
                     # the same global batch on every process (same seeded order), this process's share of it
-                    rows = torch.tensor(common.shard(rehearsal_order.next_batch()), device=device)
-                    rehearsal_backward(policy, rehearsal, rows, args, sums)
+                    rehearsal_rows = torch.tensor(common.shard(rehearsal_order.next_batch()), device=device)
+                    rehearsal_backward(policy, rehearsal, rehearsal_rows, args, sums)
                 grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens", "rehearsal_u", "rehearsal_tokens")
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -473,7 +475,7 @@ if __name__ == "__main__":
             "charts/tokens_per_sec": mask.sum().item() / time_step,
             "charts/skipped_steps": guard.skipped,
             "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
-            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/entropy": common.masked_mean(entropy, mask, all_processes=True).item(),
             "losses/cov": cov,
             "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
             "losses/clipfrac": sums["clipfrac"] / sums["tokens"],

@@ -29,8 +29,10 @@ Implementation details:
 8. losses/entropy is the full-vocabulary token entropy of the sampling policy; losses/cov is the entropy-mechanism
    covariance mean_t (old_logp_t - mean old_logp)(A_t - mean A) over the rollout's valid tokens.
 9. Under torchrun each of the N processes samples and trains on 1/N of every step's prompts (whole groups). The
-   aggregation denominators count the whole mini-batch over all processes and each process's loss is multiplied by N
-   (DDP and FSDP average gradients), so the update is the one a single process makes on the whole batch (tested).
+   mini-batches are one shuffle of the global batch drawn from (seed, step, epoch), the same on every process
+   (common.mini_batch_parts); the aggregation denominators count the whole mini-batch over all processes and each
+   process's loss is multiplied by N (DDP and FSDP average gradients), so the update is the one a single process
+   makes on the whole batch (tested on this script).
 
 Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; a 0.5M-parameter
 model needs a far larger learning rate). Paper/real-model defaults: learning_rate 1e-6, group_size 8 (TRL) to 64
@@ -114,7 +116,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
     """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
     fsdp: bool = False
@@ -213,19 +215,13 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
-    if args.micro_batch_tokens < 0:
-        raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
-    if args.fsdp and args.rollout == "continuous":  # refused before any model loads
-        raise common.UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    common.check_shared_args(args)  # one-line errors before any model loads; the task's response length
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
-    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens  # the task's own length unless given
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
@@ -239,6 +235,7 @@ if __name__ == "__main__":
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
@@ -269,13 +266,13 @@ if __name__ == "__main__":
         logprob_start = time.time()
         with torch.no_grad():
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, chunk_size=args.micro_batch_size)
+                                           with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
             # ALGO LOGIC: reference log-probs for the KL term
             ref_logp = None
             if ref_model is not None:
                 ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                    args.temperature, chunk_size=args.micro_batch_size).logp
+                                                    args.temperature, **micro).logp
         time_logprobs = time.time() - logprob_start
 
         # ALGO LOGIC: advantages
@@ -285,30 +282,35 @@ if __name__ == "__main__":
         # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
+        rows = torch.arange(len(rewards), device=device)  # this process's responses
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(len(rewards), device=device)
-            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
-                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
+            # one shuffle of the global batch, the same on every process; each process trains on its rows of each
+            # mini-batch (fillers of weight 0 even out the processes' shares)
+            for mb, weights in common.mini_batch_parts(rows, args.num_mini_batches, hash((args.seed, step, epoch))):
+                mb_mask = mask[mb] * weights[:, None]  # (m, T); a filler has no token
+                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, over all processes
                 optimizer.zero_grad()
-                for idx in common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens):
+                for part in common.micro_batches(torch.arange(len(mb), device=device), ro.widths[mb],
+                                                 args.micro_batch_size, args.micro_batch_tokens):
+                    idx, idx_mask = mb[part], mb_mask[part]
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                                                    args.temperature).logp  # (b, T)
                     token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
                                                                args.clip_eps_high)
                     if ref_logp is not None:
                         kl = k3_kl(logp, ref_logp[idx])
                         token_loss = token_loss + args.beta * kl
-                        sums["kl"] += (kl.detach() * mask[idx]).sum().item()
+                        sums["kl"] += (kl.detach() * idx_mask).sum().item()
                     # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
-                    loss = world_size * aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens,
+                    loss = world_size * aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens,
                                                        args.mini_batch_size, args.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
-                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
-                        sums["clipfrac"] += (clipped.float() * mask[idx]).sum().item()
-                        sums["tokens"] += mask[idx].sum().item()
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * idx_mask).sum().item()
+                        sums["clipfrac"] += (clipped.float() * idx_mask).sum().item()
+                        sums["tokens"] += idx_mask.sum().item()
                         sums["policy_loss"] += loss.item()
                 grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
@@ -316,13 +318,14 @@ if __name__ == "__main__":
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens")  # global token means
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -335,7 +338,7 @@ if __name__ == "__main__":
             "charts/tokens_per_sec": mask.sum().item() / time_step,
             "charts/skipped_steps": guard.skipped,
             "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
-            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/entropy": common.masked_mean(entropy, mask, all_processes=True).item(),
             "losses/cov": cov,
             "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
             "losses/clipfrac": sums["clipfrac"] / sums["tokens"],

@@ -15,7 +15,7 @@ Implementation details:
    advantages broadcast to the valid tokens, old_logp frozen per rollout, token-mean by default, no KL to a reference.
 2. The penalty is zero when fully on-policy: on the first mini-batch of a rollout d = 0, and torch's gradient of |d|
    at 0 is 0, so KL-Cov then is plain policy gradient. That mini-batch's old log-probs are taken from the selection
-   pass (same micro-batches, same padding trim as the gradient pass), so d is exactly 0, not float noise whose sign
+   pass (same micro-batches, hence the same padded width, as the gradient pass), so d is exactly 0, not float noise whose sign
    the |d| gradient would follow. It acts only from the second optimizer step on a rollout, so the default is
    num_mini_batches = 4 (the paper's recipe: 8 mini-batches per rollout); with one mini-batch and one epoch the
    script says so and runs plain policy gradient. Four mini-batches at grpo.py's learning rate are four
@@ -120,7 +120,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
     """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
     fsdp: bool = False
@@ -240,19 +240,13 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
-    if args.micro_batch_tokens < 0:
-        raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
-    if args.fsdp and args.rollout == "continuous":  # refused before any model loads
-        raise common.UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    common.check_shared_args(args)  # one-line errors before any model loads; the task's response length
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
-    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens  # the task's own length unless given
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
@@ -266,6 +260,7 @@ if __name__ == "__main__":
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
     if args.num_mini_batches * args.num_epochs == 1:
@@ -292,7 +287,7 @@ if __name__ == "__main__":
         logprob_start = time.time()
         with torch.no_grad():
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, chunk_size=args.micro_batch_size)
+                                           with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
         time_logprobs = time.time() - logprob_start
 
@@ -303,46 +298,50 @@ if __name__ == "__main__":
         # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
+        rows = torch.arange(len(rewards), device=device)  # this process's responses
         policy.train()
         on_policy = True  # until the rollout's first optimizer step
         for epoch in range(args.num_epochs):
-            order = torch.randperm(len(rewards), device=device)
-            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
-                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
-                micro_batches = common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens)
-                rows = torch.cat(micro_batches)  # the mini-batch's rows in the micro-batches' order
+            # one shuffle of the global batch, the same on every process; each process trains on its rows of each
+            # mini-batch (fillers of weight 0 even out the processes' shares)
+            parts = common.mini_batch_parts(rows, args.num_mini_batches, hash((args.seed, step, epoch)))
+            for mb, weights in parts:
+                mb_mask = mask[mb] * weights[:, None]  # (m, T); a filler has no token
+                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, over all processes
+                micro_batches = common.micro_batches(torch.arange(len(mb), device=device), ro.widths[mb],
+                                                     args.micro_batch_size, args.micro_batch_tokens)  # into mb
                 # the selection sees the whole mini-batch: a no-grad pass of the current policy, micro-batch by
                 # micro-batch so that its log-probs equal the gradient pass's exactly
                 with torch.no_grad():
-                    mb_logp = torch.cat([common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx],
-                                                                  response_len, args.temperature,
-                                                                  trim=args.micro_batch_tokens > 0).logp
-                                         for idx in micro_batches])  # (b, T)
+                    mb_logp = torch.zeros_like(mb_mask)  # (m, T)
+                    for part in micro_batches:
+                        mb_logp[part] = common.response_logprobs(policy, ro.input_ids[mb[part]],
+                                                                 ro.attention_mask[mb[part]], response_len,
+                                                                 args.temperature).logp
                     if on_policy:  # the policy is the sampling one: these are its old log-probs, computed exactly as
-                        old_logp[rows] = mb_logp  # the gradient pass computes them (so d = 0 under any micro-batching)
+                        old_logp[mb[weights > 0]] = mb_logp[weights > 0]  # the gradient pass computes them (d = 0)
                         on_policy = False
-                    mb_cov = token_covariance(mb_logp, advantages[rows], mask[rows])  # (b, T)
-                    mb_selected = kl_cov_select(mb_cov, mask[rows], args.kl_cov_ratio)  # (b, T)
-                    selected = torch.zeros_like(mask, dtype=torch.bool)
-                    selected[rows] = mb_selected  # (B, T)
+                    mb_cov = token_covariance(mb_logp, advantages[mb], mb_mask)  # (m, T)
+                    mb_selected = kl_cov_select(mb_cov, mb_mask, args.kl_cov_ratio)  # (m, T)
                     sums["selected"] += mb_selected.sum().item()
                     sums["selected_cov"] += mb_cov[mb_selected].sum().item()
-                    sums["selected_entropy"] += entropy[rows][mb_selected].sum().item()
+                    sums["selected_entropy"] += entropy[mb][mb_selected].sum().item()
                 optimizer.zero_grad()
-                for idx in micro_batches:
+                for part in micro_batches:
+                    idx, idx_mask = mb[part], mb_mask[part]
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
-                    token_loss, ratio, penalty = kl_cov_loss(logp, old_logp[idx], advantages[idx], selected[idx],
+                                                    args.temperature).logp  # (b, T)
+                    token_loss, ratio, penalty = kl_cov_loss(logp, old_logp[idx], advantages[idx], mb_selected[part],
                                                              args.kl_cov_coef)
                     # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
-                    loss = world_size * aggregate_loss(token_loss, mask[idx], args.loss_agg, mb_tokens,
+                    loss = world_size * aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens,
                                                        args.mini_batch_size, args.max_new_tokens)
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
-                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * mask[idx]).sum().item()
-                        sums["penalty"] += (penalty * mask[idx]).sum().item()  # no clipping: clipfrac stays 0
-                        sums["tokens"] += mask[idx].sum().item()
+                        sums["approx_kl"] += (((ratio - 1) - log_ratio) * idx_mask).sum().item()
+                        sums["penalty"] += (penalty * idx_mask).sum().item()  # no clipping: clipfrac stays 0
+                        sums["tokens"] += idx_mask.sum().item()
                         sums["policy_loss"] += loss.item()
                 grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
@@ -350,13 +349,14 @@ if __name__ == "__main__":
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")  # global token means
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -369,7 +369,7 @@ if __name__ == "__main__":
             "charts/tokens_per_sec": mask.sum().item() / time_step,
             "charts/skipped_steps": guard.skipped,
             "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
-            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/entropy": common.masked_mean(entropy, mask, all_processes=True).item(),
             "losses/cov": cov,
             "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
             "losses/clipfrac": sums["clipfrac"] / sums["tokens"],

@@ -128,7 +128,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
     """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
     fsdp: bool = False
@@ -198,12 +198,12 @@ def keep_prompts(acc, truncated, prompt_index, acc_low: float, acc_high: float, 
 
 @torch.no_grad()
 def prm_reference_logprobs(prm_ref, old_logp, input_ids, attention_mask, response_len: int, temperature: float,
-                           chunk_size: int | None = None):
+                           **micro):
     """log pi_ref of the response tokens (B, T), never differentiable: from the frozen copy, or with `prm_ref` None
     (--prm-ref policy) the policy's old log-probs."""
     if prm_ref is None:
         return old_logp.detach()
-    return common.response_logprobs(prm_ref, input_ids, attention_mask, response_len, temperature, chunk_size=chunk_size).logp
+    return common.response_logprobs(prm_ref, input_ids, attention_mask, response_len, temperature, **micro).logp
 
 
 def prm_ce_loss(q, mask, acc, beta: float, total_seqs=None, weight=None):
@@ -288,23 +288,6 @@ def prime_advantages(q, mask, acc, prompt_index, beta: float, gamma: float):
     return masked_whiten(returns, mask), process_scale
 
 
-def mini_batch_parts(kept_rows, order, n_mini_batches: int):
-    """This process's part of each mini-batch of the kept responses of all processes: [(rows (m,), weights (m,))].
-
-    The global kept batch is numbered rank by rank (one process's numbering); `order` (K_all,), the same on every
-    process, puts it in training order, cut into n_mini_batches contiguous mini-batches as one process would. Parts
-    are padded to the largest one with fillers (row 0, weight 0), so that every process runs as many micro-batches."""
-    first = sum(common.gather_lists([len(kept_rows)])[: common.rank()])  # global number of this process's first row
-    mine = [part[(part >= first) & (part < first + len(kept_rows))] - first for part in order.tensor_split(n_mini_batches)]
-    sizes = common.all_max(torch.tensor([len(part) for part in mine], device=order.device)).tolist()
-    parts = []
-    for part, size in zip(mine, sizes):
-        rows = torch.cat([kept_rows[part], kept_rows.new_zeros(size - len(part))])
-        weights = torch.cat([torch.ones(len(part)), torch.zeros(size - len(part))]).to(order.device)
-        parts.append((rows, weights))
-    return parts
-
-
 def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
     """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
     clipped term is the active (larger) one."""
@@ -343,19 +326,13 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size:
         raise common.UserInputError(f"prompts_per_step must be a multiple of {world_size} processes")
-    if args.micro_batch_tokens < 0:
-        raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
-    if args.fsdp and args.rollout == "continuous":  # refused before any model loads
-        raise common.UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    common.check_shared_args(args)  # one-line errors before any model loads; the task's response length
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
-    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens  # the task's own length unless given
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
@@ -369,6 +346,7 @@ if __name__ == "__main__":
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
@@ -406,7 +384,7 @@ if __name__ == "__main__":
         logprob_start = time.time()
         with torch.no_grad():
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, chunk_size=args.micro_batch_size)
+                                           with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
         time_logprobs = time.time() - logprob_start
 
@@ -429,18 +407,18 @@ if __name__ == "__main__":
             if len(kept_rows):  # the frozen reference is no collective: this process alone
                 ref_logp[kept_rows] = prm_reference_logprobs(prm_ref, old_logp[kept_rows], ro.input_ids[kept_rows],
                                                              ro.attention_mask[kept_rows], response_len, args.temperature,
-                                                             args.micro_batch_size)
+                                                             **micro)
             q_before = torch.zeros_like(mask)  # (B, T) q of the loss's forward pass, before the PRM's step
             prm_sums = defaultdict(float)
             prm.train()
-            for rows, weights in mini_batch_parts(kept_rows, torch.arange(n_kept, device=device), n_mini_batches):
+            for rows, weights in common.mini_batch_parts(kept_rows, n_mini_batches, seed=None):  # in sampling order
                 n_seqs = common.all_sum(weights.sum())  # the whole mini-batch's responses, over all processes
                 prm_optimizer.zero_grad()
-                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.lengths[rows],
+                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.widths[rows],
                                                  args.micro_batch_size, args.micro_batch_tokens):
                     idx, weight = rows[part], weights[part]  # weight 0: a filler
                     prm_logp = common.response_logprobs(prm, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                        args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                                                        args.temperature).logp  # (b, T)
                     q = (prm_logp - ref_logp[idx]) * mask[idx]
                     # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
                     prm_loss = world_size * prm_ce_loss(q, mask[idx], rewards[idx], args.prm_beta, n_seqs, weight)
@@ -455,7 +433,7 @@ if __name__ == "__main__":
             padded = torch.cat([kept_rows, kept_rows.new_zeros(max(kept_counts) - len(kept_rows))])  # as many passes
             with torch.no_grad():
                 prm_logp = common.response_logprobs(prm, ro.input_ids[padded], ro.attention_mask[padded], response_len,
-                                                    args.temperature, chunk_size=args.micro_batch_size).logp
+                                                    args.temperature, **micro).logp
                 q_after = (prm_logp[: len(kept_rows)] - ref_logp[kept_rows]) * kept_mask
             q = q_before[kept_rows] if args.prm_update == "after" else q_after  # (K, T)
             prime_metrics.update({
@@ -479,16 +457,17 @@ if __name__ == "__main__":
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs if n_mini_batches else 0):
-            order = common.all_sum(torch.randperm(n_kept, device=device) * common.is_main())  # rank 0's shuffle
-            for rows, weights in mini_batch_parts(kept_rows, order, n_mini_batches):
+            # one shuffle of the global kept batch, the same on every process; each process trains on its rows of
+            # each mini-batch (fillers of weight 0 even out the processes' shares)
+            for rows, weights in common.mini_batch_parts(kept_rows, n_mini_batches, hash((args.seed, step, epoch))):
                 train_mask = mask[rows] * weights[:, None]  # a filler has no token
                 mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())  # over all processes
                 optimizer.zero_grad()
-                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.lengths[rows],
+                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.widths[rows],
                                                  args.micro_batch_size, args.micro_batch_tokens):
                     idx, idx_mask = rows[part], train_mask[part]
                     logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                    args.temperature, trim=args.micro_batch_tokens > 0).logp  # (b, T)
+                                                    args.temperature).logp  # (b, T)
                     token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
                                                                args.clip_eps_high)
                     # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
@@ -509,15 +488,14 @@ if __name__ == "__main__":
                 sums["optimizer_steps"] += 1
         if not n_mini_batches:  # a step with no kept prompt trains nothing: its loss metrics are logged as NaN, not as 0
             sums.update(optimizer_steps=math.nan, tokens=math.nan)
-        token_sums = torch.tensor([sums["approx_kl"], sums["clipfrac"], sums["tokens"]], dtype=torch.float64, device=device)
-        sums["approx_kl"], sums["clipfrac"], sums["tokens"] = common.all_sum(token_sums).tolist()  # a process may have none
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")  # global token means
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -530,7 +508,7 @@ if __name__ == "__main__":
             "charts/tokens_per_sec": mask.sum().item() / time_step,
             "charts/skipped_steps": guard.skipped,
             "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
-            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/entropy": common.masked_mean(entropy, mask, all_processes=True).item(),
             "losses/cov": cov,
             "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
             "losses/clipfrac": sums["clipfrac"] / sums["tokens"],

@@ -27,7 +27,8 @@ Implementation details:
 6. Gradient clipping at max_grad_norm; AdamW with constant learning rate, no weight decay; token-mean aggregation over
    the whole mini-batch (micro-batches only bound memory).
 7. Under torchrun each process holds whole groups: centred rewards, Q and targets are per response and per group
-   (local); the token-mean denominator is the whole mini-batch's token count, summed over the processes.
+   (local); the mini-batches are one shuffle of the global batch, the same on every process, and the token-mean
+   denominator is the whole mini-batch's token count, summed over the processes (tested on this script).
 
 Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; see
 benchmarks/results/dph_rl_rover.md): learning_rate 2.5e-5, i.e. GRPO's 1e-4 per rollout spread over the 4
@@ -112,7 +113,7 @@ class Args:
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of a forward/backward: rows are packed by length up to this many tokens, padding trimmed (0: off)"""
+    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
     """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
     fsdp: bool = False
@@ -192,19 +193,13 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
-    if args.micro_batch_tokens < 0:
-        raise common.UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise common.UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
-    if args.fsdp and args.rollout == "continuous":  # refused before any model loads
-        raise common.UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    common.check_shared_args(args)  # one-line errors before any model loads; the task's response length
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
-    args.max_new_tokens = args.max_new_tokens or task.max_new_tokens  # the task's own length unless given
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
@@ -218,6 +213,7 @@ if __name__ == "__main__":
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
     eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
                        backend=args.rollout)
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
@@ -242,7 +238,7 @@ if __name__ == "__main__":
         logprob_start = time.time()
         with torch.no_grad():
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, with_vocab_mean=True, chunk_size=args.micro_batch_size)
+                                           with_entropy=True, with_vocab_mean=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
             # ALGO LOGIC: the sampling policy's vocabulary mean M_old, from the same pass as old_logp
             old_vocab_mean = old.vocab_mean  # (B, T)
@@ -255,28 +251,32 @@ if __name__ == "__main__":
         # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
+        rows = torch.arange(len(rewards), device=device)  # this process's responses
         policy.train()
         for epoch in range(args.num_epochs):
-            order = torch.randperm(len(rewards), device=device)
-            for mb in order.split(args.mini_batch_size // world_size):  # this process's share of each mini-batch
-                mb_tokens = common.all_sum(mask[mb].sum())  # the whole mini-batch's, over all processes
+            # one shuffle of the global batch, the same on every process; each process trains on its rows of each
+            # mini-batch (fillers of weight 0 even out the processes' shares)
+            for mb, weights in common.mini_batch_parts(rows, args.num_mini_batches, hash((args.seed, step, epoch))):
+                mb_mask = mask[mb] * weights[:, None]  # (m, T); a filler has no token
+                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, over all processes
                 optimizer.zero_grad()
-                for idx in common.micro_batches(mb, ro.lengths, args.micro_batch_size, args.micro_batch_tokens):
+                for part in common.micro_batches(torch.arange(len(mb), device=device), ro.widths[mb],
+                                                 args.micro_batch_size, args.micro_batch_tokens):
+                    idx, idx_mask = mb[part], mb_mask[part]
                     current = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
-                                                       args.temperature, with_vocab_mean=True,
-                                                       trim=args.micro_batch_tokens > 0)
+                                                       args.temperature, with_vocab_mean=True)
                     token_loss, q, next_value = rover_loss(current.logp, old_logp[idx], current.vocab_mean,
-                                                           old_vocab_mean[idx], centred_rewards[idx], mask[idx],
+                                                           old_vocab_mean[idx], centred_rewards[idx], idx_mask,
                                                            args.rho, args.beta)  # (b, T) each
                     # token-mean over the whole mini-batch, times the processes: DDP/FSDP average gradients
-                    loss = world_size * (token_loss * mask[idx]).sum() / mb_tokens
+                    loss = world_size * (token_loss * idx_mask).sum() / mb_tokens
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = current.logp - old_logp[idx]
-                        sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * mask[idx]).sum().item()
-                        sums["q"] += (q * mask[idx]).sum().item()
-                        sums["next_value"] += (next_value * mask[idx]).sum().item()
-                        sums["tokens"] += mask[idx].sum().item()
+                        sums["approx_kl"] += ((log_ratio.exp() - 1 - log_ratio) * idx_mask).sum().item()
+                        sums["q"] += (q * idx_mask).sum().item()
+                        sums["next_value"] += (next_value * idx_mask).sum().item()
+                        sums["tokens"] += idx_mask.sum().item()
                         sums["policy_loss"] += loss.item()
                 grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
@@ -284,13 +284,14 @@ if __name__ == "__main__":
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "q", "next_value", "tokens")  # global token means
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: logging
         with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask).item()
+            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
+            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -303,7 +304,7 @@ if __name__ == "__main__":
             "charts/tokens_per_sec": mask.sum().item() / time_step,
             "charts/skipped_steps": guard.skipped,
             "losses/policy_loss": sums["policy_loss"] / sums["optimizer_steps"],
-            "losses/entropy": common.masked_mean(entropy, mask).item(),
+            "losses/entropy": common.masked_mean(entropy, mask, all_processes=True).item(),
             "losses/cov": cov,
             "losses/approx_kl": sums["approx_kl"] / sums["tokens"],
             "losses/clipfrac": sums["clipfrac"] / sums["tokens"],

@@ -129,13 +129,13 @@ def scored_batch(model, tokenizer, grpo_advantages):
 def process_share():
     """For functions run by `run_distributed`: the embedded model, a seeded global batch of 2 prompts x 4 responses
     (the same in every process, see `sample_batch`) and this process's share of its rows (whole groups), as
-    `(model, rollout, T, share)`; `share` holds the rows' `input_ids`, `attention_mask`, `mask` (float), `lengths` and
+    `(model, rollout, T, share)`; `share` holds the rows' `input_ids`, `attention_mask`, `mask` (float), `widths` and
     `prompt_index` (counted from 0 in this process). In a single process the share is the whole batch."""
     model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
     ro, mask, T = sample_batch(model, tokenizer)
     rows = torch.arange(len(mask)).chunk(common.world_size())[common.rank()]
     share = SimpleNamespace(rows=rows, input_ids=ro.input_ids[rows], attention_mask=ro.attention_mask[rows],
-                            mask=mask[rows], lengths=ro.lengths[rows],
+                            mask=mask[rows], widths=ro.widths[rows],
                             prompt_index=ro.prompt_index[rows] - ro.prompt_index[rows].min())
     return model, ro, T, share
 

@@ -110,7 +110,7 @@ def test_no_grad_selection_pass_equals_gradient_pass(random_model):
     ro, _, T = sample_batch(model, tokenizer)
     micro = 3
     with torch.no_grad():
-        whole = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, chunk_size=micro).logp
+        whole = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, micro_batch_size=micro).logp
     for start in range(0, 8, micro):
         rows = slice(start, start + micro)
         part = common.response_logprobs(model, ro.input_ids[rows], ro.attention_mask[rows], T).logp

@@ -47,7 +47,7 @@ def test_response_logprobs_match_unpadded_computation(random_model, temperature)
         full = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True,
                                         with_vocab_mean=True)
         chunked = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True,
-                                           with_vocab_mean=True, chunk_size=1)
+                                           with_vocab_mean=True, micro_batch_size=1)
         for row, (p, r) in enumerate(zip(prompts, responses)):
             ref_logp, ref_entropy, ref_vocab_mean = _manual_logprobs(model, p, r, temperature)
             torch.testing.assert_close(full.logp[row], ref_logp, atol=1e-5, rtol=1e-5)

@@ -2,6 +2,7 @@
 as one process (DDP and FSDP2, fixed-size and token-budget micro-batches), the shared helpers agree across processes,
 and every algorithm file runs under `torchrun --nproc-per-node 2`."""
 
+import json
 import os
 import shutil
 import signal
@@ -10,45 +11,12 @@ import sys
 
 import pytest
 import torch
-from conftest import (ALGORITHMS, REPO_ROOT, REWARDS, SETUP_FLAGS, assert_same_update, kill_after_first_checkpoint,
-                      load_algorithm, process_share, records, run_distributed, step_and_report)
+from safetensors.torch import load_file
+from conftest import (ALGORITHMS, REPO_ROOT, kill_after_first_checkpoint,
+                      records, run_distributed)
 
 import common
 
-
-
-def grpo_update(fsdp: bool, micro_batch_tokens: int, loss_agg: str):
-    """One GRPO optimizer step (SGD, lr 1: the update is minus the gradient) on this process's share of a fixed global
-    batch of 2 prompts x 4 responses, as grpo.py makes it. Returns (reduced loss, full parameters after the step)."""
-    grpo = load_algorithm("grpo")
-    model, _, T, share = process_share()  # the same global batch in every process, and this process's rows
-    input_ids, attention_mask, mask, lengths = share.input_ids, share.attention_mask, share.mask, share.lengths
-    world = common.world_size()
-    policy = common.data_parallel(model, fsdp)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    with torch.no_grad():
-        old_logp = common.response_logprobs(policy, input_ids, attention_mask, T).logp
-    seq_adv, _ = grpo.grpo_advantages(REWARDS[share.rows], share.prompt_index, True)
-    advantages = seq_adv[:, None] * mask
-    mb_tokens, total = common.all_sum(mask.sum()), 0.0
-    for idx in common.micro_batches(torch.arange(len(mask)), lengths, 3, micro_batch_tokens):
-        logp = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T, trim=micro_batch_tokens > 0).logp
-        token_loss, _, _ = grpo.ppo_clip_loss(logp, old_logp[idx], advantages[idx], 0.2, 0.2)
-        loss = world * grpo.aggregate_loss(token_loss, mask[idx], loss_agg, mb_tokens, 8, T)
-        loss.backward()
-        total += loss.item()
-    return step_and_report(optimizer, policy, total)
-
-
-@pytest.mark.parametrize("fsdp, micro_batch_tokens, loss_agg", [(False, 0, "token-mean"),
-                                                                 (False, 40, "seq-mean-token-mean"),
-                                                                 (True, 40, "seq-mean-token-sum-norm")])
-def test_two_processes_make_the_update_of_one_on_the_same_global_batch(fsdp, micro_batch_tokens, loss_agg):
-    one_loss, one_params = grpo_update(fsdp, 0, loss_agg)
-    (loss, params), _ = run_distributed(grpo_update, fsdp, micro_batch_tokens, loss_agg)
-    assert one_loss != 0
-    assert loss == pytest.approx(one_loss, rel=1e-5, abs=1e-7)
-    assert_same_update(params, one_params, common.load_model_and_tokenizer(common.EMBEDDED_MODEL)[0].state_dict())
 
 
 def micro_batch_counts(lengths_per_rank):
@@ -61,6 +29,27 @@ def test_every_process_gets_as_many_micro_batches():
     assert micro_batch_counts([long]) == [2, 2, 2, 2]
     sizes = run_distributed(micro_batch_counts, [short, long])
     assert len(sizes[0]) == len(sizes[1]) == 4 and sum(sizes[0]) == sum(sizes[1]) == 8
+
+
+def mini_batch_rows(counts: list[int], seed):
+    """This process's parts of 3 mini-batches; its rows are labelled 100 x rank + local index."""
+    rows = torch.arange(counts[common.rank()]) + 100 * common.rank()
+    return [(part.tolist(), weights.tolist()) for part, weights in common.mini_batch_parts(rows, 3, seed)]
+
+
+@pytest.mark.parametrize("seed", [None, 7])
+def test_processes_share_one_shuffle_into_mini_batches(seed):
+    one = mini_batch_rows([7], seed)  # one process holding the global batch of 7 rows
+    assert sorted(row for part, _ in one for row in part) == list(range(7)) and all(min(w) == 1 for _, w in one)
+    first, second = run_distributed(mini_batch_rows, [5, 2], seed)  # uneven shares, as PRIME's kept rows
+    to_global = {**{r: r for r in range(5)}, 100: 5, 101: 6}
+    for (rows, weights), (part0, w0), (part1, w1) in zip(one, first, second, strict=True):
+        assert len(part0) == len(part1)  # fillers even the shares out: as many micro-batches everywhere
+        real = [to_global[r] for r, w in zip(part0 + part1, w0 + w1) if w == 1]
+        assert real == rows  # the one-process mini-batch, in its order
+        assert sum(w == 0 for w in w0 + w1) == len(part0) + len(part1) - len(rows)
+    if seed is not None:
+        assert one != mini_batch_rows([7], None)  # shuffled
 
 
 def collectives():
@@ -97,19 +86,70 @@ def torchrun(args: list[str], **kwargs):
                             start_new_session=True, **kwargs)
 
 
+EQUIVALENCE_FLAGS = ["--num-steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--num-mini-batches", "2",
+                     "--num-epochs", "2", "--micro-batch-tokens", "60", "--eval-prompts", "4", "--eval-samples", "2",
+                     "--final-eval-samples", "4", "--log-completions-every", "1", "--checkpoint-every", "2", "--save-model"]
+
+
+EQUIVALENCE_SETUP = {"dph_rl": ["--pool-prompts", "16", "--presample-k", "4", "--rehearsal-threshold", "4"],  # always correct
+                     "em_rl": ["FSDP"], "prime": ["FSDP"], "rover": ["FSDP"]}  # two processes shard these with FSDP2
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tmp_path_factory):
+    """Every algorithm file run for 2 steps (2 epochs x 2 mini-batches, token-budget micro-batches) by one process and
+    by two under torchrun, on rollouts that do not depend on the processes (tests/fixed_rollouts.py): one python and
+    one torchrun for all files. Returns ({name: {processes: run folder}}, {processes: {script: widest forward}},
+    torchrun's stdout)."""
+    root = tmp_path_factory.mktemp("equivalence")
+    runs = " :: ".join(f"algorithms/{name}.py {' '.join(EQUIVALENCE_FLAGS + EQUIVALENCE_SETUP.get(name, []))} "
+                       f"--output-dir {root / name}/PROCESSES" for name in ALGORITHMS)
+    widths = {}
+    for processes in (1, 2):
+        args = ["tests/fixed_rollouts.py", str(root / f"{processes}.json"), *runs.replace("PROCESSES", str(processes)).split()]
+        if processes == 2:  # the FSDP2 files shard, the others replicate (DDP)
+            args = " ".join(args).replace("FSDP", "--fsdp").split()
+        else:
+            args = " ".join(args).replace(" FSDP", "").split()
+        proc = torchrun(args) if processes == 2 else subprocess.Popen(
+            [sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True)
+        out, err = proc.communicate(timeout=900)
+        assert proc.returncode == 0, err[-3000:]
+        assert "Traceback" not in err
+        widths[processes] = json.loads((root / f"{processes}.json").read_text())
+    folders = {name: {n: next((root / name / str(n)).iterdir()) for n in (1, 2)} for name in ALGORITHMS}
+    return folders, widths, out
+
+
 @pytest.mark.parametrize("name", ALGORITHMS)
-def test_every_algorithm_runs_under_torchrun(name, tmp_path):
-    proc = torchrun([f"algorithms/{name}.py", *FLAGS, *SETUP_FLAGS.get(name, []), "--output-dir", str(tmp_path)])
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 0, err[-3000:]
-    assert "Traceback" not in err
-    (run_dir,) = tmp_path.iterdir()  # one run folder: only rank 0 writes
-    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.pt", "completions.jsonl", "config.json",
-                                                         "metrics.jsonl"]
-    steps = [row["step"] for row in records(run_dir)]
-    assert steps == [0, 1, 2, 3, 4]
-    assert out.count("step 4/4") == 1  # rank 1 prints nothing
-    assert len(torch.load(run_dir / "checkpoint.pt", weights_only=False)["rng_per_process"]) == 2
+def test_two_processes_make_the_update_of_one(name, one_and_two_processes):
+    """Under torchrun each file runs, rank 0 alone writes and prints, and 2 processes make the update 1 process makes on
+    the same global batch: one shared shuffle into mini-batches, global token means and covariances."""
+    folders, _, out = one_and_two_processes
+    one, two = folders[name][1], folders[name][2]
+    assert {"completions.jsonl", "config.json", "metrics.jsonl", "model"} < {p.name for p in two.iterdir()}
+    assert out.count(f"run folder: {two}") == 1  # rank 1 prints nothing
+    assert [row["step"] for row in records(two)] == [0, 1, 2]
+    for expected, got in zip(records(one), records(two), strict=True):
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), (key, got[key], expected[key])
+    initial = load_file(REPO_ROOT / common.EMBEDDED_MODEL / "model.safetensors")
+    one_params, two_params = (load_file(folder / "model" / "model.safetensors") for folder in (one, two))
+    moved = sum(((one_params[k] - initial[k]) ** 2).sum() for k in initial).sqrt()
+    apart = sum(((two_params[k] - one_params[k]) ** 2).sum() for k in initial).sqrt()
+    assert moved > 0.01 and apart < 1e-3 * moved, (float(apart), float(moved))
+
+
+def test_no_forward_exceeds_the_token_budget(one_and_two_processes):
+    """--micro-batch-tokens bounds every forward pass of every file outside generation (old, reference and PRM
+    log-probs, selection passes, DPH-RL's pre-pass included), counted with the padding each pass really holds."""
+    _, widths, _ = one_and_two_processes
+    budget = int(EQUIVALENCE_FLAGS[EQUIVALENCE_FLAGS.index("--micro-batch-tokens") + 1])
+    for processes, by_script in widths.items():
+        assert sorted(by_script) == [f"algorithms/{name}.py" for name in ALGORITHMS]
+        assert all(budget // 2 < width <= budget for width in by_script.values()), (processes, by_script)
 
 
 def test_fsdp_with_token_budget_and_static_cache_follows_ddp(tmp_path):

@@ -93,7 +93,7 @@ def test_rehearsal_set_layout_keeps_the_initial_logprobs(random_model):
     pairs = [(prompt, torch.cat([response, torch.tensor([tokenizer.eos_token_id])])) for prompt, response in pairs]
 
     class Args:
-        max_new_tokens, temperature, micro_batch_size = 12, 1.0, 1
+        max_new_tokens, temperature, micro_batch_size, micro_batch_tokens = 12, 1.0, 1, 0
 
     stored = dph.build_rehearsal_set(model, pairs, tokenizer.pad_token_id, Args, "cpu")
     assert stored.mask.sum(-1).tolist() == [6, 10] and stored.input_ids.shape == (2, 10 + 12)

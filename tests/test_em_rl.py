@@ -1,5 +1,6 @@
 """EM-RL / EM-FT math on hand-made tensors (values worked out by hand in the comments), sign invariants of one update,
-the method's defining property: training never reads the gold answers, and the same update from one process or two."""
+the method's defining property: training never reads the gold answers (the same update from one process or two:
+tests/test_distributed.py, on the script itself)."""
 
 import json
 import math
@@ -7,8 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import (REPO_ROOT, assert_two_processes_match_one, load_algorithm, move_off_policy, process_share,
-                      run_distributed, run_python, sample_batch, step_and_report)
+from conftest import REPO_ROOT, load_algorithm, run_python, sample_batch
 from safetensors.torch import load_file
 
 import common
@@ -179,51 +179,3 @@ def test_sequence_sum_reward_with_entropy_bonus_and_minibatches_runs(tmp_path):
     assert step2["losses/approx_kl"] > 0 and step2["losses/kl"] > 0
     # sum over tokens of log-probs: at most 0 and, for responses of several tokens, below the per-token mean
     assert step2["charts/reward_mean"] < step2["charts/em_sequence_reward"] <= 0
-
-
-# (method, entropy_coef, loss_agg, micro_batch_tokens, fsdp): the second and third run with token-budget micro-batches
-EM_CASES = [("em-rl", 0.0, "token-mean", 0, False), ("em-rl", 0.01, "seq-mean-token-mean", 40, True),
-            ("em-ft", 0.0, "seq-mean-token-sum-norm", 40, False)]
-
-
-def em_rl_updates(cases):
-    """Per case, one EM-RL / EM-FT optimizer step (SGD, lr 1: the update is minus the gradient) on this process's share
-    of a fixed global batch of 2 prompts x 4 responses, as em_rl.py makes it, with the policy moved off the sampling
-    one (ratios != 1). Returns per case (this process's RLOO advantages, reduced loss, full parameters after the step)."""
-    return [em_rl_update(*case) for case in cases]
-
-
-def em_rl_update(method: str, entropy_coef: float, loss_agg: str, micro_batch_tokens: int, fsdp: bool):
-    model, _, T, share = process_share()  # the same global batch in every process, and this process's rows
-    input_ids, attention_mask, mask, lengths = share.input_ids, share.attention_mask, share.mask, share.lengths
-    world = common.world_size()
-    with torch.no_grad():
-        old = common.response_logprobs(model, input_ids, attention_mask, T, with_entropy=True)
-    move_off_policy(model)
-    rewards = em_rl.self_certainty_rewards(old.logp, old.entropy, mask, "sequence", "mean")
-    seq_adv, _ = em_rl.rloo_advantages(rewards, share.prompt_index)
-    advantages = seq_adv[:, None] * mask
-    policy = common.data_parallel(model, fsdp)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    with_entropy = method == "em-ft" or entropy_coef != 0
-    mb_tokens, total = common.all_sum(mask.sum()), 0.0
-    for idx in common.micro_batches(torch.arange(len(mask)), lengths, 3, micro_batch_tokens):
-        stats = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T, with_entropy=with_entropy,
-                                         entropy_grad=with_entropy, trim=micro_batch_tokens > 0)
-        if method == "em-rl":
-            token_loss, _, _ = em_rl.ppo_clip_loss(stats.logp, old.logp[idx], advantages[idx], 0.2, 0.2)
-            if entropy_coef:
-                token_loss = token_loss - entropy_coef * stats.entropy
-        else:
-            token_loss = stats.entropy
-        loss = world * em_rl.aggregate_loss(token_loss, mask[idx], loss_agg, mb_tokens, 8, T)
-        loss.backward()
-        total += loss.item()
-    return seq_adv, *step_and_report(optimizer, policy, total)
-
-
-def test_two_processes_make_the_update_of_one_on_the_same_global_batch():
-    # the halves hold one prompt each and different token counts: only global denominators give the same update
-    ones = em_rl_updates([(*case[:3], 0, case[4]) for case in EM_CASES])  # one process: fixed-size micro-batches
-    # rewards and RLOO advantages are per response and per group: the halves' join into the whole batch's
-    assert_two_processes_match_one(EM_CASES, ones, *run_distributed(em_rl_updates, EM_CASES))

@@ -77,7 +77,7 @@ def test_first_on_policy_minibatch_has_ratio_one(random_model):
     model, tokenizer = random_model
     ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
-        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, chunk_size=3).logp
+        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, micro_batch_size=3).logp
     logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
     advantages = torch.randn(8)[:, None] * mask
     _, ratio, clipped = grpo.ppo_clip_loss(logp, old_logp, advantages, 0.2, 0.2)

@@ -153,11 +153,7 @@ def test_pairwise_ranking_accuracy():
     assert prime.pairwise_ranking_accuracy(torch.tensor([0.0, 9]), torch.tensor([1.0, 0]), torch.tensor([0, 1])) == 0.5
 
 
-def test_one_process_cuts_mini_batches_as_before_and_survives_an_empty_batch():
-    kept_rows, order = torch.tensor([2, 3, 5, 7, 11]), torch.tensor([4, 0, 3, 1, 2])
-    parts = prime.mini_batch_parts(kept_rows, order, 2)
-    assert [rows.tolist() for rows, _ in parts] == [[11, 2, 7], [3, 5]]  # kept_rows[order] cut in 2, no filler
-    assert all(torch.equal(weights, torch.ones(len(rows))) for rows, weights in parts)
+def test_an_empty_kept_batch_gives_empty_advantages():
     advantages, scale = prime.prime_advantages(torch.zeros(0, 3), torch.zeros(0, 3), torch.zeros(0),
                                                torch.zeros(0, dtype=torch.long), 0.05, 1.0)
     assert advantages.shape == (0, 3) and scale.item() == pytest.approx(1e-6)
@@ -173,7 +169,7 @@ def prime_step(rewards, fsdp: bool, micro_batch_tokens: int):
     ro, mask, T = sample_batch(policy, tokenizer)  # seeded: the same global batch in every process
     world = common.world_size()
     rows = torch.arange(8).chunk(world)[common.rank()]  # this process's prompts, whole groups
-    input_ids, attention_mask, mask, lengths = ro.input_ids[rows], ro.attention_mask[rows], mask[rows], ro.lengths[rows]
+    input_ids, attention_mask, mask, widths = ro.input_ids[rows], ro.attention_mask[rows], mask[rows], ro.widths[rows]
     acc, index = rewards[rows], ro.prompt_index[rows] - ro.prompt_index[rows].min()
     policy, prm = common.data_parallel(policy, fsdp), common.data_parallel(prm, fsdp)
     optimizer, prm_optimizer = torch.optim.SGD(policy.parameters(), lr=1.0), torch.optim.SGD(prm.parameters(), lr=1.0)
@@ -186,12 +182,12 @@ def prime_step(rewards, fsdp: bool, micro_batch_tokens: int):
     if len(kept):
         ref_logp[kept] = prime.prm_reference_logprobs(prm_ref, None, input_ids[kept], attention_mask[kept], T, 1.0)
     losses = {"prm": 0.0, "policy": 0.0}
-    for part_rows, weights in prime.mini_batch_parts(kept, torch.arange(sum(counts)), 3):
+    for part_rows, weights in common.mini_batch_parts(kept, 3, seed=None):
         n_seqs = common.all_sum(weights.sum())
         prm_optimizer.zero_grad()
-        for part in common.micro_batches(torch.arange(len(part_rows)), lengths[part_rows], 3, micro_batch_tokens):
+        for part in common.micro_batches(torch.arange(len(part_rows)), widths[part_rows], 3, micro_batch_tokens):
             idx, weight = part_rows[part], weights[part]
-            logp = common.response_logprobs(prm, input_ids[idx], attention_mask[idx], T, trim=micro_batch_tokens > 0).logp
+            logp = common.response_logprobs(prm, input_ids[idx], attention_mask[idx], T).logp
             q = (logp - ref_logp[idx]) * mask[idx]
             loss = world * prime.prm_ce_loss(q, mask[idx], acc[idx], 0.5, n_seqs, weight)
             loss.backward()
@@ -205,14 +201,13 @@ def prime_step(rewards, fsdp: bool, micro_batch_tokens: int):
     kept_advantages, scale = prime.prime_advantages(q, mask[kept], acc[kept], index[kept], 0.5, 1.0)
     advantages = torch.zeros_like(mask)
     advantages[kept] = kept_advantages
-    order = common.all_sum(torch.arange(sum(counts)).flip(0) * common.is_main())  # a shared order, rank 0's
-    for part_rows, weights in prime.mini_batch_parts(kept, order, 3):
+    for part_rows, weights in common.mini_batch_parts(kept, 3, seed=0):
         train_mask = mask[part_rows] * weights[:, None]
         mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())
         optimizer.zero_grad()
-        for part in common.micro_batches(torch.arange(len(part_rows)), lengths[part_rows], 3, micro_batch_tokens):
+        for part in common.micro_batches(torch.arange(len(part_rows)), widths[part_rows], 3, micro_batch_tokens):
             idx = part_rows[part]
-            logp = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T, trim=micro_batch_tokens > 0).logp
+            logp = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T).logp
             token_loss, _, _ = prime.ppo_clip_loss(logp, old_logp[idx], advantages[idx], 0.2, 0.2)
             loss = world * prime.aggregate_loss(token_loss, train_mask[part], "seq-mean-token-mean", mb_tokens, n_seqs)
             loss.backward()
@@ -245,7 +240,7 @@ def test_two_processes_make_the_step_of_one_on_the_same_global_batch():
             assert result[2] == pytest.approx(one[2])
             assert result[3] == pytest.approx(one[3], rel=1e-4, abs=1e-7)
         for params, one_params in ((first[4], one[4]), (first[5], one[5])):
-            assert_same_update(params, one_params, initial.state_dict(), atol=1e-5)  # 3 steps of lr 1: rounding grows
+            assert_same_update(params, one_params, initial.state_dict(), atol=3e-5)  # 3 steps of lr 1: rounding grows
 
 
 def _records(tmp_path):

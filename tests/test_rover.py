@@ -1,9 +1,8 @@
-"""ROVER math on hand-made tensors (values worked out by hand in the comments), on-policy invariants, and the same
-update from one process or two."""
+"""ROVER math on hand-made tensors (values worked out by hand in the comments) and on-policy invariants (the same
+update from one process or two: tests/test_distributed.py, on the script itself)."""
 
 import torch
-from conftest import (REWARDS, assert_two_processes_match_one, load_algorithm, move_off_policy, process_share, run_distributed,
-                      sample_batch, step_and_report)
+from conftest import REWARDS, load_algorithm, sample_batch
 
 import common
 
@@ -16,7 +15,7 @@ def test_vocabulary_mean_is_the_mean_log_softmax(random_model):
     valid = mask.bool()
     with torch.no_grad():
         stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, temperature=0.7,
-                                          with_vocab_mean=True, chunk_size=3)
+                                          with_vocab_mean=True, micro_batch_size=3)
         position_ids = (ro.attention_mask.cumsum(-1) - 1).clamp(min=0)
         logits = model(input_ids=ro.input_ids, attention_mask=ro.attention_mask, position_ids=position_ids).logits
         logits = logits[:, -T - 1 : -1].float() / 0.7  # (B, T, V), the logits that predict response token t
@@ -73,7 +72,7 @@ def test_on_policy_gradient_is_reinforce_on_the_centred_reward(random_model):
     model, tokenizer = random_model
     ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
-        old = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_vocab_mean=True, chunk_size=3)
+        old = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_vocab_mean=True, micro_batch_size=3)
     centred, _ = rover.grpo_advantages(REWARDS, ro.prompt_index, False)
     rho = 0.5
     current = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_vocab_mean=True)
@@ -86,43 +85,3 @@ def test_on_policy_gradient_is_reinforce_on_the_centred_reward(random_model):
     for a, b in zip(rover_grads, reinforce_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
     assert any(g.abs().sum() > 0 for g in rover_grads)
-
-
-
-CASES = [(False, 0, False), (True, 40, True)]  # (std_norm, micro_batch_tokens, fsdp)
-
-
-def rover_updates(cases):
-    """Per case, one ROVER optimizer step (SGD, lr 1: the update is minus the gradient) on this process's share of a
-    fixed global batch of 2 prompts x 4 responses, as rover.py makes it, with the policy moved off the sampling one
-    (Q and Qbar != 0). Returns per case (this process's centred rewards, reduced loss, full parameters after the step)."""
-    return [rover_update(*case) for case in cases]
-
-
-def rover_update(std_norm: bool, micro_batch_tokens: int, fsdp: bool):
-    model, _, T, share = process_share()  # the same global batch in every process, and this process's rows
-    input_ids, attention_mask, mask, lengths = share.input_ids, share.attention_mask, share.mask, share.lengths
-    world = common.world_size()
-    with torch.no_grad():
-        old = common.response_logprobs(model, input_ids, attention_mask, T, with_vocab_mean=True)
-    move_off_policy(model)
-    centred, _ = rover.grpo_advantages(REWARDS[share.rows], share.prompt_index, std_norm)
-    policy = common.data_parallel(model, fsdp)
-    optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
-    mb_tokens, total = common.all_sum(mask.sum()), 0.0
-    for idx in common.micro_batches(torch.arange(len(mask)), lengths, 3, micro_batch_tokens):
-        current = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T, with_vocab_mean=True,
-                                           trim=micro_batch_tokens > 0)
-        token_loss, _, _ = rover.rover_loss(current.logp, old.logp[idx], current.vocab_mean, old.vocab_mean[idx],
-                                            centred[idx], mask[idx], 1.0, 1.0)
-        loss = world * (token_loss * mask[idx]).sum() / mb_tokens
-        loss.backward()
-        total += loss.item()
-    return centred, *step_and_report(optimizer, policy, total)
-
-
-def test_two_processes_make_the_update_of_one_on_the_same_global_batch():
-    # the halves hold one prompt each and different token counts: only a global denominator gives the same update
-    ones = rover_updates([(std_norm, 0, fsdp) for std_norm, _, fsdp in CASES])  # one process: fixed-size micro-batches
-    # rewards are centred per group: the halves' join into the whole batch's
-    assert_two_processes_match_one(CASES, ones, *run_distributed(rover_updates, CASES))

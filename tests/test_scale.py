@@ -2,6 +2,7 @@
 micro-batches, gradient checkpointing, precision flags and full state dicts."""
 
 import json
+import weakref
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_rollout_backends_give_the_same_greedy_responses(embedded):
             assert torch.equal(ro.input_ids[row][ro.attention_mask[row].bool()],
                                reference.input_ids[row][reference.attention_mask[row].bool()]), backend
         assert torch.equal(ro.prompt_index, reference.prompt_index)
-        assert torch.equal(ro.lengths, reference.lengths)
+        assert torch.equal(ro.widths, reference.widths)
 
 
 def test_continuous_batching_samples_keep_the_rollout_contract(embedded):
@@ -46,7 +47,7 @@ def test_continuous_batching_samples_keep_the_rollout_contract(embedded):
     for row in range(B):  # valid tokens end at the first EOS
         if has_eos[row]:
             assert ro.response_ids[row, valid[row] - 1] == eos and (ro.response_ids[row, : valid[row] - 1] != eos).all()
-    assert torch.equal(ro.lengths, ro.attention_mask[:, : ro.prompt_len].sum(-1) + valid)
+    assert torch.equal(ro.widths, torch.stack([ro.attention_mask[:, : ro.prompt_len].sum(-1), valid], -1))
 
 
 def test_unknown_rollout_backend_is_a_clear_error(embedded):
@@ -55,33 +56,82 @@ def test_unknown_rollout_backend_is_a_clear_error(embedded):
         common.rollout(model, tokenizer, ["1 2 3>6:"], 1, 4, backend="vllm")
 
 
-def test_trimmed_logprobs_equal_full_ones_on_valid_tokens(embedded):
+def test_trimmed_micro_batches_equal_one_full_pass_on_valid_tokens(embedded):
     model, tokenizer = embedded
     ro, mask, T = sample_batch(model, tokenizer)
     rows = torch.tensor([4, 6])  # the shorter prompt (1 pad column) and responses shorter than T: both sides trim
     assert int(ro.response_mask[rows].sum(-1).max()) < T
-    full = common.response_logprobs(model, ro.input_ids[rows], ro.attention_mask[rows], T, 0.7, with_entropy=True,
-                                    with_vocab_mean=True)
+    full = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, 0.7, with_entropy=True,
+                                    with_vocab_mean=True)  # one micro-batch of every row: only the right side trims
     trimmed = common.response_logprobs(model, ro.input_ids[rows], ro.attention_mask[rows], T, 0.7, with_entropy=True,
-                                       with_vocab_mean=True, trim=True)
+                                       with_vocab_mean=True, micro_batch_size=1)
     valid = mask[rows].bool()
     for name in ("logp", "entropy", "vocab_mean"):
-        a, b = getattr(full, name), getattr(trimmed, name)
+        a, b = getattr(full, name)[rows], getattr(trimmed, name)
         assert b.shape == a.shape
         torch.testing.assert_close(b[valid], a[valid], rtol=1e-5, atol=1e-5)
         assert (~valid).any() and (b[~valid] == 0).all()
 
 
-def test_token_budget_micro_batches():
-    lengths = torch.tensor([5, 30, 12, 7, 30, 3, 18, 9])
+def test_token_budget_counts_the_padded_width():
+    # (prompt, response) tokens per row; the longest prompt (row 1) and the longest response (row 4) are different rows
+    widths = torch.tensor([[2, 3], [15, 2], [4, 8], [3, 4], [2, 15], [1, 2], [10, 8], [5, 4]])
     rows = torch.arange(8)
-    assert [b.tolist() for b in common.micro_batches(rows, lengths, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
-    batches = common.micro_batches(rows, lengths, 4, 40)
+    assert [b.tolist() for b in common.micro_batches(rows, widths, 3)] == [[0, 1, 2], [3, 4, 5], [6, 7]]
+    batches = common.micro_batches(rows, widths, 4, 40)
     assert sorted(torch.cat(batches).tolist()) == list(range(8))  # every row exactly once
-    for batch in batches:
-        assert len(batch) <= 4
-        assert len(batch) == 1 or len(batch) * int(lengths[batch].max()) <= 40
-    assert [sorted(b.tolist()) for b in batches] == [[1], [4], [2, 6], [0, 3, 5, 7]]
+    for batch in batches:  # a trimmed forward is (longest prompt + longest response) wide
+        assert len(batch) <= 4 and len(batch) * int(widths[batch, 0].max() + widths[batch, 1].max()) <= 40
+    # rows 1 and 4 hold 17 tokens each but are 30 wide together (2 x 30 > 40): packing by each row's own length
+    # would put them in one micro-batch
+    assert [sorted(b.tolist()) for b in batches] == [[6], [1], [2, 4], [0, 3, 5, 7]]
+    assert [b.tolist() for b in common.micro_batches(rows, widths, 8, 16)][:3] == [[6], [1], [4]]  # wider: alone
+
+
+def test_log_prob_passes_hold_about_one_logits_tensor():
+    """Every pass of response_logprobs (no grad with entropy, gradient of the log-probs, gradient of the entropy too)
+    keeps at most ~1 (rows, T, V) fp32 tensor alive: the peak of the tensors PyTorch allocates during the pass,
+    measured on a 150k-vocabulary model, stays below 2 of them (the logits themselves are one)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    class PeakMemory(TorchDispatchMode):  # bytes of every storage an op creates, until it is freed
+        def __init__(self):
+            super().__init__()
+            self.live = self.peak = 0
+            self.alive = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and id(storage := tensor.untyped_storage()) not in self.alive:
+                    self.alive.add(id(storage))
+                    self.live += storage.nbytes()
+                    self.peak = max(self.peak, self.live)
+                    weakref.finalize(storage, self.free, id(storage), storage.nbytes())
+            return out
+
+        def free(self, key, nbytes):
+            self.alive.discard(key)
+            self.live -= nbytes
+
+    V, B, P, T = 150_000, 4, 4, 32
+    config = Qwen2Config(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=1, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = 0  # never sampled below: every response token is valid
+    input_ids = torch.randint(1, V, (B, P + T))
+    one_tensor = B * T * V * 4
+    for mode in ("no grad", "grad", "entropy grad"):
+        with PeakMemory() as memory, torch.set_grad_enabled(mode != "no grad"):
+            stats = common.response_logprobs(model, input_ids, torch.ones_like(input_ids), T, 0.7, with_entropy=True,
+                                             entropy_grad=mode == "entropy grad", with_vocab_mean=True)
+            if mode != "no grad":
+                (stats.logp.sum() + stats.entropy.sum()).backward()
+            del stats
+        assert one_tensor < memory.peak < 2 * one_tensor, (mode, memory.peak / one_tensor)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(embedded):
@@ -206,7 +256,7 @@ def test_bf16_autocast_paths_run(embedded):
     for backend in common.ROLLOUT_BACKENDS:
         out = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], 2, 8, backend=backend)
         assert out.response_ids.shape[0] == 4 and out.input_ids.dtype == torch.long
-    stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True, trim=True)
+    stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True, micro_batch_size=3)
     assert stats.logp.dtype == torch.float32 and not torch.equal(stats.logp, fp32.logp)  # computed in bf16
     torch.testing.assert_close(stats.logp * mask, fp32.logp * mask, atol=0.1, rtol=0.1)
     (stats.logp * mask).sum().backward()
