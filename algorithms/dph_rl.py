@@ -7,9 +7,13 @@ Before training, the initial policy pi0 samples k responses per training prompt;
 set D_pef (their correct responses y and token log-probs logp0 are stored), the rest the exploration set D_exp:
     L = L_exp + eta L_pef,  L_exp = GRPO with clip-higher on D_exp prompts (no KL),
     L_pef = token-mean over stored (x, y) of f(u_t),  u_t = exp(logp_theta(y_t) - logp0(y_t))   (log-ratio clamped to +-20)
-    f(u) = u log u - (u + 1) log((u + 1) / 2)   (js, DPH-JS)        f(u) = u - log u - 1   (forward-kl, KL(pi0 || pi))
-f(1) = f'(1) = 0: the rehearsal term is an f-divergence D_f(pi || pi0) estimated on pi0's own samples, so it needs no
-online reference model. Baseline --divergence reverse-kl: GRPO + eta k3 KL(pi || pi0) on the RL tokens, online reference.
+    f(u) = u log u - (u + 1) log((u + 1) / 2)                       (js, DPH-JS; eta 0.05-0.2)
+    f(u) = u - log u - 1                                            (forward-kl, KL(pi0 || pi), DPH-F; eta 0.01-0.05)
+    f(u) = (u^(1-alpha) - (1-alpha) u - alpha) / (alpha (alpha-1))  (alpha, 0 < alpha < 1, default 0.2; eta 0.01-0.05)
+f convex, f(1) = f'(1) = 0: the rehearsal term is an f-divergence D_f(pi || pi0) = E_pi0[f(u)] estimated on pi0's own
+samples, so it needs no online reference model. The alpha generator tends to u log u - u + 1 (reverse KL(pi || pi0)) as
+alpha -> 0 and to forward-kl's as alpha -> 1; f'(u) = (1 - u^-alpha) / alpha, f''(u) = u^(-alpha-1) > 0.
+Baseline --divergence reverse-kl: GRPO + eta k3 KL(pi || pi0) on the RL tokens, online reference.
 
 Implementation details:
 1. Pre-pass: the first --pool-prompts training prompts, presample_k samples each (the rollout temperature / top_p /
@@ -24,18 +28,25 @@ Implementation details:
 3. Every optimizer step adds one batch of rehearsal_batch_size stored responses, cycled in a seeded shuffled order
    (no new samples: the 128 sampled responses per step are all RL data). L_exp and L_pef are each a token-mean over
    their own tokens; logp0 is a constant, the gradient flows only through logp_theta.
-4. GRPO part as grpo.py: group std advantages by prompt index, PPO clip 0.2 / 0.28 (clip-higher), token-mean. The
+4. Clamps. forward-kl matches the authors' code (verl's low_var_kl with swapped arguments): besides the +-20 log-ratio
+   clamp, f is capped at 10, so a token with u outside (1.67e-5, 13.6) (log-ratio outside (-11.0, 2.61)) gets no
+   gradient. The paper's DPH-F numbers come from that code, and the cap keeps one runaway token from dominating the
+   token-mean, at the price of no longer pulling back a token the policy has moved that far. js and alpha have no cap
+   (the authors' code clamps neither); their log-ratio is clamped to +-20 too, so only |log-ratio| > 20 loses its
+   gradient.
+5. GRPO part as grpo.py: group std advantages by prompt index, PPO clip 0.2 / 0.28 (clip-higher), token-mean. The
    authors' dual-clip (c = 3) is not used. An empty D_pef (tiny pools) trains on L_exp alone, with a warning.
-5. reverse-kl skips the pre-pass (no rehearsal set): RL prompts come from the whole training split and eta weighs the
+6. reverse-kl skips the pre-pass (no rehearsal set): RL prompts come from the whole training split and eta weighs the
    k3 KL per token in the loss, as grpo.py --beta.
-6. losses/entropy, losses/cov, approx_kl, clipfrac are those of the RL batch (as in grpo.py).
-7. The checkpoint holds the rehearsal set (with its logp0), the exploration prompts and the rehearsal order, so
+7. losses/entropy, losses/cov, approx_kl, clipfrac are those of the RL batch (as in grpo.py).
+8. The checkpoint holds the rehearsal set (with its logp0), the exploration prompts and the rehearsal order, so
    --resume skips the pre-pass (which needs the initial model) and continues exactly.
 
 Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; see
-benchmarks/results/dph_rl_rover.md). Paper/code defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl; k = 8
-and the k/k threshold; clip 0.2 / 0.28; lr 1e-6; top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is
-the sampling distribution); all training prompts pre-sampled (--pool-prompts 10000 here).  Under torchrun: each
+benchmarks/results/dph_rl_rover.md). Paper/code defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl and
+alpha (the default eta 0.2 is js's: pass --eta with the others), alpha 0.2; k = 8 and the k/k threshold; clip
+0.2 / 0.28; lr 1e-6; top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is the sampling distribution);
+all training prompts pre-sampled (--pool-prompts 10000 here).  Under torchrun: each
 process pre-samples its share of the pool and all gather the verdicts, so every process holds the same D_pef and
 D_exp; every optimizer step's RL and rehearsal rows are split over the processes and L_exp and L_pef divide by their
 token counts summed over all processes (token-means over the global batches).
@@ -142,10 +153,13 @@ class Args:
     """PPO clip range below 1"""
     clip_eps_high: float = 0.28
     """PPO clip range above 1 (clip-higher, as the paper)"""
-    divergence: Literal["js", "forward-kl", "reverse-kl"] = "js"
-    """js / forward-kl: rehearsal f-divergence on stored base-model successes; reverse-kl: k3 KL to an online reference"""
+    divergence: Literal["js", "forward-kl", "alpha", "reverse-kl"] = "js"
+    """js / forward-kl / alpha: rehearsal f-divergence on stored base-model successes; reverse-kl: k3 KL to an online
+    reference"""
     eta: float = 0.2
-    """weight of the divergence term (paper: 0.2 for js, 0.01-0.05 for forward-kl)"""
+    """weight of the divergence term (authors: 0.05-0.2 for js, 0.01-0.05 for forward-kl and alpha)"""
+    alpha: float = 0.2
+    """--divergence alpha: the alpha-divergence's alpha, in (0, 1) (near 0: reverse KL, near 1: forward KL)"""
     presample_k: int = 8
     """responses sampled per pool prompt by the initial model before training"""
     rehearsal_threshold: int = 8
@@ -198,24 +212,30 @@ def k3_kl(logp, ref_logp):
     return torch.exp(d) - d - 1
 
 
-def f_divergence(log_ratio, divergence: str):
+def f_divergence(log_ratio, divergence: str, alpha: float = 0.2):
     """Per-token generator f(u) at u = exp(log_ratio), log_ratio = logp - logp0 clamped to +-20. (B, T) -> (B, T).
 
-    js: u log u - (u + 1) log((u + 1) / 2); forward-kl: u - log u - 1. Both are >= 0 with f(1) = f'(1) = 0."""
+    js: u log u - (u + 1) log((u + 1) / 2); forward-kl: u - log u - 1, capped at 10 as the authors' code (no gradient
+    for u outside (1.67e-5, 13.6)); alpha: (u^(1-alpha) - (1-alpha) u - alpha) / (alpha (alpha - 1)), alpha in (0, 1).
+    All are convex and >= 0 with f(1) = f'(1) = 0."""
     log_ratio = log_ratio.clamp(-20.0, 20.0)
     u = log_ratio.exp()
     if divergence == "js":
         log_half_u_plus_one = torch.nn.functional.softplus(log_ratio) - math.log(2.0)  # log((u + 1) / 2), stable
         return u * log_ratio - (u + 1) * log_half_u_plus_one
     if divergence == "forward-kl":
-        return u - log_ratio - 1
+        return (u - log_ratio - 1).clamp(max=10.0)
+    if divergence == "alpha":
+        # the same numerator as (u^(1-alpha) - 1) - (1-alpha)(u - 1): exactly 0 at u = 1, precise near it
+        numerator = torch.expm1((1 - alpha) * log_ratio) - (1 - alpha) * torch.expm1(log_ratio)
+        return numerator / (alpha * (alpha - 1))
     raise ValueError(f"no rehearsal generator for divergence {divergence!r}")
 
 
-def rehearsal_token_loss(logp, logp0, divergence: str):
+def rehearsal_token_loss(logp, logp0, divergence: str, alpha: float = 0.2):
     """f(u_t) per stored rehearsal token and u_t, both (B, T). logp0 is the stored initial-model log-prob (a constant)."""
     log_ratio = logp - logp0.detach()
-    return f_divergence(log_ratio, divergence), log_ratio.detach().clamp(-20.0, 20.0).exp()
+    return f_divergence(log_ratio, divergence, alpha), log_ratio.detach().clamp(-20.0, 20.0).exp()
 
 
 def split_pool(correct, prompt_index, n_prompts: int, threshold: int):
@@ -296,7 +316,7 @@ def rehearsal_backward(policy, rehearsal: RehearsalSet, rows: torch.Tensor, args
     for idx in common.micro_batches(rows, rehearsal.widths, args.micro_batch_size, args.micro_batch_tokens):
         logp = common.response_logprobs(policy, rehearsal.input_ids[idx], rehearsal.attention_mask[idx],
                                         args.max_new_tokens, args.temperature).logp
-        f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence)  # (b, T) each
+        f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence, args.alpha)  # (b, T)
         rehearsal_loss = common.world_size() * (f_u * rehearsal.mask[idx]).sum() / rehearsal_tokens
         (args.eta * rehearsal_loss).backward()
         sums["rehearsal_loss"] += rehearsal_loss.item()
@@ -313,6 +333,8 @@ if __name__ == "__main__":
     if not (1 <= args.rehearsal_threshold <= args.presample_k) or args.pool_prompts < 1 or args.rehearsal_batch_size < 1:
         raise common.UserInputError("need 1 <= rehearsal_threshold <= presample_k, pool_prompts >= 1, "
                                     "rehearsal_batch_size >= 1")
+    if not 0 < args.alpha < 1:  # the generator divides by alpha (alpha - 1); the authors' code allows only (0, 1)
+        raise common.UserInputError(f"--alpha must be strictly between 0 and 1 (got {args.alpha})")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
@@ -345,7 +367,7 @@ if __name__ == "__main__":
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
-    # ALGO LOGIC: split the pool with the initial model (js, forward-kl) or load the online reference (reverse-kl)
+    # ALGO LOGIC: split the pool with the initial model (f-divergences) or load the online reference (reverse-kl)
     ref_model, rehearsal, rehearsal_order = None, None, None
     if args.divergence == "reverse-kl":
         ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)

@@ -3,15 +3,18 @@
 import math
 from types import SimpleNamespace
 
+import json
+
 import pytest
 import torch
-from conftest import load_algorithm, run_distributed
+from conftest import SETUP_FLAGS, load_algorithm, run_distributed, run_python
+from test_smoke import TINY_BUDGET
 
 import common
 
 dph = load_algorithm("dph_rl")
 
-GENERATORS = ["js", "forward-kl"]
+GENERATORS = ["js", "forward-kl", "alpha"]
 
 
 @pytest.mark.parametrize("divergence", GENERATORS)
@@ -29,10 +32,37 @@ def test_generator_is_zero_with_zero_slope_at_one(divergence):
     # js u log u - (u + 1) log((u + 1) / 2): f(0.5) = 0.5 log 0.5 - 1.5 log 0.75 = -0.34657 + 0.43152 = 0.08495;
     # f(2) = 2 log 2 - 3 log 1.5 = 1.38629 - 1.21640 = 0.16990
     ("js", 0.5 * math.log(0.5) - 1.5 * math.log(0.75), 2 * math.log(2) - 3 * math.log(1.5)),
+    # alpha 0.2: (u^0.8 - 0.8 u - 0.2) / (0.2 * -0.8). u = 0.5: 0.5^0.8 = 0.574349, (0.574349 - 0.4 - 0.2) / -0.16
+    # = 0.160318; u = 2: 2^0.8 = 1.741101, (1.741101 - 1.6 - 0.2) / -0.16 = 0.368118
+    ("alpha", 0.160318, 0.368118),
 ])
 def test_generator_values_by_hand(divergence, at_half, at_two):
     values = dph.f_divergence(torch.log(torch.tensor([0.5, 2.0], dtype=torch.float64)), divergence)
-    torch.testing.assert_close(values, torch.tensor([at_half, at_two], dtype=torch.float64))
+    torch.testing.assert_close(values, torch.tensor([at_half, at_two], dtype=torch.float64), atol=2e-6, rtol=0)
+
+
+def test_alpha_generator_tends_to_reverse_kl_near_zero_and_forward_kl_near_one():
+    # alpha -> 0: u^(1-alpha) = u (1 - alpha log u + ...), so f -> u log u - u + 1, the generator of KL(pi || pi0);
+    # alpha -> 1: u^(1-alpha) = 1 + (1 - alpha) log u + ..., so f -> u - log u - 1, forward-kl's (KL(pi0 || pi))
+    log_u = torch.log(torch.tensor([0.1, 0.5, 2.0, 7.0], dtype=torch.float64))
+    u = log_u.exp()
+    reverse, forward = u * log_u - u + 1, u - log_u - 1
+    near_zero, near_one = dph.f_divergence(log_u, "alpha", 1e-6), dph.f_divergence(log_u, "alpha", 1 - 1e-6)
+    torch.testing.assert_close(near_zero, reverse, atol=1e-5, rtol=0)
+    torch.testing.assert_close(near_one, forward, atol=1e-5, rtol=0)
+    assert (near_zero - forward).abs().max() > 0.1 and (near_one - reverse).abs().max() > 0.1  # the limits differ
+    # the default alpha 0.2 lies in between, nearer reverse KL: at u = 2, 0.30685 < 0.36812 < 0.38629
+    at_two = dph.f_divergence(log_u, "alpha")[2]
+    assert forward[2] < at_two < reverse[2]
+
+
+@pytest.mark.parametrize("alpha", [0.05, 0.2, 0.5, 0.95])
+def test_alpha_generator_is_convex_and_nonnegative(alpha):
+    log_u = torch.linspace(-6, 3, 201, dtype=torch.float64)
+    values = dph.f_divergence(log_u, "alpha", alpha)
+    u = log_u.exp()
+    chords = (values[:-2] * (u[2:] - u[1:-1]) + values[2:] * (u[1:-1] - u[:-2])) / (u[2:] - u[:-2])
+    assert (values >= 0).all() and (values[1:-1] <= chords + 1e-12).all()  # on or below every neighbour chord
 
 
 def test_js_generator_is_symmetric_and_forward_kl_is_not():
@@ -50,6 +80,25 @@ def test_log_ratio_is_clamped_to_twenty(divergence):
     values = dph.f_divergence(torch.tensor([100.0, -100.0]), divergence)
     torch.testing.assert_close(values, dph.f_divergence(torch.tensor([20.0, -20.0]), divergence))
     assert torch.isfinite(values).all()
+
+
+def test_forward_kl_is_capped_at_ten_as_the_authors_code():
+    # u - log u - 1 = 10 at log u = -11.0 (u = 1.67e-5) and log u = 2.611 (u = 13.6): outside that band the value is
+    # 10 and the gradient 0; inside it the gradient is u - 1 (through log u): -1 + 2.3e-5 at log u = -10.9, 12.2 at 2.58
+    log_u = torch.tensor([-15.0, -11.1, -10.9, 0.5, 2.58, 2.65, 5.0], dtype=torch.float64, requires_grad=True)
+    values = dph.f_divergence(log_u, "forward-kl")
+    values.sum().backward()
+    outside = torch.tensor([True, True, False, False, False, True, True])
+    assert (values[outside] == 10).all() and (values[~outside] < 10).all()
+    assert (log_u.grad[outside] == 0).all()
+    torch.testing.assert_close(log_u.grad[~outside], log_u.detach()[~outside].exp() - 1)
+    assert (log_u.grad[~outside].abs() > 0.6).all()
+    # js and alpha have no cap: at log u = 5 their gradients are large (js u log(2u / (u + 1)) = 101.9, alpha
+    # (u - u^0.8) / 0.2 = 469.1), at -15 small (both tend to 0 as u -> 0: -4.4e-6 and -2.9e-5) but not 0
+    for divergence in ("js", "alpha"):
+        far = torch.tensor([5.0, -15.0], dtype=torch.float64, requires_grad=True)
+        dph.f_divergence(far, divergence).sum().backward()
+        assert far.grad[0] > 50 and far.grad[1] < 0
 
 
 def test_reverse_kl_has_no_rehearsal_generator():
@@ -71,6 +120,8 @@ def test_split_on_a_table_of_presample_results():
     # d f(u)/d logp = u f'(u). forward-kl: u - 1 -> [1, -0.5]; js: u log(2u / (u + 1)) -> [2 log(4/3), 0.5 log(2/3)]
     ("forward-kl", [1.0, -0.5]),
     ("js", [2 * math.log(4 / 3), 0.5 * math.log(2 / 3)]),
+    # alpha 0.2: u f'(u) = (u - u^0.8) / 0.2 -> [(2 - 1.741101) / 0.2, (0.5 - 0.574349) / 0.2] = [1.294494, -0.371746]
+    ("alpha", [1.294494, -0.371746]),
 ])
 def test_rehearsal_gradient_flows_only_through_the_current_logprobs(divergence, slopes):
     logp0 = torch.log(torch.tensor([[0.2, 0.4]], dtype=torch.float64)).requires_grad_()
@@ -79,7 +130,28 @@ def test_rehearsal_gradient_flows_only_through_the_current_logprobs(divergence, 
     torch.testing.assert_close(u, torch.tensor([[2.0, 0.5]], dtype=torch.float64))
     f_u.sum().backward()
     assert logp0.grad is None and not u.requires_grad
-    torch.testing.assert_close(logp.grad, torch.tensor([slopes], dtype=torch.float64))
+    torch.testing.assert_close(logp.grad, torch.tensor([slopes], dtype=torch.float64), atol=2e-6, rtol=0)
+
+
+def test_script_trains_with_the_alpha_divergence(tmp_path):
+    result = run_python(["algorithms/dph_rl.py", *TINY_BUDGET, *SETUP_FLAGS["dph_rl"], "--divergence", "alpha",
+                         "--alpha", "0.3", "--eta", "0.05", "--output-dir", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = tmp_path.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert (config["divergence"], config["alpha"]) == ("alpha", 0.3)
+    step1, step2 = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[1:]]
+    assert step1["charts/rehearsal_prompts"] > 0
+    assert step1["losses/rehearsal_loss"] == pytest.approx(0.0, abs=1e-6)  # u = 1 before the first update
+    assert step2["losses/rehearsal_loss"] > 0 and step2["losses/rehearsal_u_mean"] != pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("alpha", ["0", "1", "-0.5", "1.5"])
+def test_alpha_outside_zero_one_is_a_one_line_error(alpha, tmp_path):
+    result = run_python(["algorithms/dph_rl.py", "--divergence", "alpha", "--alpha", alpha, "--output-dir", str(tmp_path)])
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --alpha must be strictly between 0 and 1")
+    assert not any(tmp_path.iterdir())  # refused before any run folder (or model) was made
 
 
 def test_rehearsal_set_layout_keeps_the_initial_logprobs(random_model):
@@ -129,7 +201,7 @@ def _rehearsal_step(micro_batch_tokens):
               torch.cat([tokenizer(response, add_special_tokens=False, return_tensors="pt").input_ids[0],
                          torch.tensor([tokenizer.eos_token_id])])) for prompt, response in texts]
     args = SimpleNamespace(max_new_tokens=12, temperature=1.0, micro_batch_size=2, micro_batch_tokens=micro_batch_tokens,
-                           divergence="js", eta=0.2)
+                           divergence="js", eta=0.2, alpha=0.2)
     rehearsal = dph.build_rehearsal_set(model, pairs, tokenizer.pad_token_id, args, "cpu")
     noise = torch.randn(rehearsal.logp0.shape, generator=torch.Generator().manual_seed(0))
     rehearsal.logp0 = (rehearsal.logp0 + 0.3 * noise) * rehearsal.mask
