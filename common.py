@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import functools
 import json
 import math
 import os
@@ -332,34 +333,53 @@ _SPLITS: dict[tuple[str, str], list[dict]] = {}
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 MAX_MATH_ANSWER_CHARS = 1000
-"""Longer extracted answers get reward 0 without being parsed (bounds sympy's work off the main thread too)."""
+"""Longer extracted answers get reward 0 without being parsed (bounds sympy's work off the main thread too); a gold
+answer this long makes its dataset row malformed."""
+
+_BOX_TOKENS = re.compile(r"\\boxed\s*(\{)|\\boxed\s+([^\s{}$]+)|\{|\}")
+_FINAL_PHRASE = re.compile(r"####|\banswer(?:\s+is\b|\s*:)(?![\s*:]*[A-Za-z]{2})", re.IGNORECASE)
+_INLINE_MATH = re.compile(r"\$+([^$]+)\$|\\[(\[](.+?)\\[)\]]")
 
 
 def extract_final_answer(response: str) -> str | None:
-    """The content of the last `\\boxed{...}` (nested braces allowed), else the text after the last `####`, else None."""
-    start = response.rfind("\\boxed")
-    while start != -1:
-        open_brace = start + len("\\boxed")
-        if response[open_brace : open_brace + 1] == "{":
-            depth = 0
-            for i in range(open_brace, len(response)):
-                depth += {"{": 1, "}": -1}.get(response[i], 0)
-                if depth == 0:
-                    return response[open_brace + 1 : i].strip()
-        start = response.rfind("\\boxed", 0, start)  # unbalanced: try an earlier one
-    hashes = re.findall(r"####\s*([^\n]*)", response)
-    if hashes and hashes[-1].strip():
-        return hashes[-1].strip()
-    return None
+    """The content of the last non-empty `\\boxed{...}` (nested braces allowed) or `\\boxed 5`; without one, what
+    follows the last `####`, "answer is" or "answer:" (not "answer is correct"): its `$...$`, else its line up to the
+    sentence's end or first word ("72 clips." -> "72"); else None. One pass with a stack of open braces: linear time."""
+    stack, box = [], None  # stack: where each open brace's content starts (-1: not a box's); box: (start, end)
+    for token in _BOX_TOKENS.finditer(response):
+        if token.group() == "}":
+            start, end = (stack.pop() if stack else -1), token.start()
+        elif token.group(2):  # "\boxed 5": one unbraced token
+            start, end = token.span(2)
+        else:
+            stack.append(token.end() if token.group(1) else -1)
+            continue
+        # a box that starts later closes later only if it lies after the current one: the slices are disjoint
+        if start > (box[0] if box else -1) and response[start:end].strip():
+            box = (start, end)
+    if box:
+        return response[box[0] : box[1]].strip()
+    phrase = max(_FINAL_PHRASE.finditer(response), key=lambda match: match.start(), default=None)  # the last one
+    if phrase is None:
+        return None
+    rest = re.compile(r"[\s*:]*([^\n]*)").match(response, phrase.end()).group(1)[: MAX_MATH_ANSWER_CHARS + 1]
+    if inline := _INLINE_MATH.match(rest):
+        return (inline.group(1) or inline.group(2)).strip()
+    for cut in re.finditer(r"\.\s|\s(?=[A-Za-z]{2})", rest):  # the sentence's end or its first word, outside braces
+        if rest.count("{", 0, cut.start()) == rest.count("}", 0, cut.start()):  # (\text{ cm} stays)
+            rest = rest[: cut.start()]
+            break
+    return rest.lstrip("$").rstrip(" \t*.$") or None
 
 
 def verify_math(gold: str, response: str) -> tuple[bool, bool]:
     """Is the response's final answer equivalent to `gold` (math-verify, gold first)? Returns `(correct, parsed)`.
 
-    No final answer, an unparseable one, a parse error or a timeout -> (False, ...); never raises. math-verify bounds
-    its work with SIGALRM, which exists only in a main thread: called from another thread, the check runs in a helper
-    process's main thread (started on first use), so hostile answers time out there too."""
-    if not isinstance(response, str) or not isinstance(gold, str):
+    No final answer, an unparseable one, a parse error or a timeout -> (False, ...); so does a gold answer over
+    MAX_MATH_ANSWER_CHARS; never raises. math-verify bounds its work with SIGALRM, which exists only in a main thread:
+    called from another thread, the check runs in a helper process's main thread (started on first use), so hostile
+    answers time out there too."""
+    if not isinstance(response, str) or not isinstance(gold, str) or len(gold) > MAX_MATH_ANSWER_CHARS:
         return False, False
     answer = extract_final_answer(response)
     if answer is None or len(answer) > MAX_MATH_ANSWER_CHARS:
@@ -373,16 +393,41 @@ MATH_TIMEOUT = 5
 """Seconds math-verify may spend parsing one expression, and comparing two."""
 
 
+def _parse_math(text: str) -> list:
+    """math-verify's parse of one LaTeX expression; thousands separated by thin spaces (`1\\,234`) become 1234."""
+    from math_verify import parse
+
+    return parse("$" + re.sub(r"(?<=\d)\\,(?=\d{3}(?!\d))", "", text) + "$", parsing_timeout=MATH_TIMEOUT)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_gold(gold: str) -> list:
+    """The parsed gold, once per gold string: the responses to one prompt share it (re-parsing it cost about a third
+    of each check). [] when it does not parse, or when comparing it with 0 times out (`9^{9^{9^{9}}}`): every response
+    then gets reward 0 at no further cost."""
+    import sympy
+    from math_verify import verify
+    from math_verify.errors import TimeoutException
+
+    parsed = _parse_math(gold)
+    try:
+        verify(parsed, sympy.Integer(0), timeout_seconds=MATH_TIMEOUT, raise_on_error=True)
+    except TimeoutException:
+        return []
+    except Exception:  # any other failure against 0 says nothing about comparisons with real answers
+        pass
+    return parsed
+
+
 def _math_verify(gold: str, answer: str) -> tuple[bool, bool]:
     """math-verify on a gold answer and an extracted answer, in a main thread (its timeouts need SIGALRM)."""
-    from math_verify import parse, verify
+    from math_verify import verify
 
     try:
-        gold_parsed = parse(f"${gold}$", parsing_timeout=MATH_TIMEOUT)
-        answer_parsed = parse(f"${answer}$", parsing_timeout=MATH_TIMEOUT)
+        gold_parsed, answer_parsed = _parsed_gold(gold), _parse_math(answer)
         if not answer_parsed:
             return False, False
-        return bool(verify(gold_parsed, answer_parsed, timeout_seconds=MATH_TIMEOUT)), True
+        return bool(gold_parsed) and bool(verify(gold_parsed, answer_parsed, timeout_seconds=MATH_TIMEOUT)), True
     except Exception:  # math-verify and sympy raise many types on hostile input; any of them means "not verified"
         return False, True
 
@@ -393,7 +438,7 @@ _HELPER_LOCK = threading.Lock()
 
 def _math_verify_in_helper(gold: str, answer: str) -> tuple[bool, bool]:
     """`_math_verify` in a helper process (`python -c ...`, started on first use, shared by all threads; a plain
-    subprocess, so the caller's script is not re-imported). Its own timeouts end any check within ~3 x MATH_TIMEOUT;
+    subprocess, so the caller's script is not re-imported). Its own timeouts end any check within ~4 x MATH_TIMEOUT;
     a helper that does not answer in 6 x is killed, and the next call starts a new one."""
     with _HELPER_LOCK:
         helper = _HELPER.get("process")
@@ -427,9 +472,10 @@ def _math_verify_server() -> None:
 class MathTask:
     """GSM8K / MATH-style problems with a single final answer, from the hub or a local folder (`--dataset`).
 
-    Items are `{"question": str, "gold": str}`. GSM8K's gold is what follows `####` in `answer` (thousands separators
-    removed); MATH's is the `answer` field, or the last `\\boxed{}` of `solution`. Malformed rows are skipped and
-    counted. A local folder needs a train and a test file (`train.jsonl`, `test.parquet`, ...), as the hub's layout."""
+    Items are `{"question": str, "gold": str}`. GSM8K's gold is the ASCII number after `####` in `answer` (thousands
+    separators removed); MATH's is the `answer` field, or the final answer of `solution`. Rows without a gold answer or
+    with one over MAX_MATH_ANSWER_CHARS are malformed: skipped and counted. A local folder needs a train and a test
+    file (`train.jsonl`, `test.parquet`, ...), as the hub's layout."""
 
     name: str
     train_source: str
@@ -452,15 +498,16 @@ class MathTask:
         return re.sub(r"\s+", "", extract_final_answer(response) or "")
 
     def gold(self, row: dict) -> str | None:
-        if self.name == "gsm8k":  # "... #### 1,234": a number after the last ####, else the row is malformed
-            answer = row.get("answer")
+        """The row's gold answer, or None (a malformed row) when it has none or one over MAX_MATH_ANSWER_CHARS."""
+        answer, solution = row.get("answer"), row.get("solution")
+        if self.name == "gsm8k":  # "... #### 1,234": an ASCII number after the last ####, else the row is malformed
             gold = answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) and "####" in answer else ""
-            return gold if re.fullmatch(r"-?\d+(\.\d+)?", gold) else None
-        answer = row.get("answer")
-        if isinstance(answer, str) and answer.strip():
-            return answer.strip()
-        solution = row.get("solution")
-        return extract_final_answer(solution) if isinstance(solution, str) else None
+            gold = gold if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", gold) else None
+        elif isinstance(answer, str) and answer.strip():
+            gold = answer.strip()
+        else:
+            gold = extract_final_answer(solution) if isinstance(solution, str) else None
+        return gold if gold and len(gold) <= MAX_MATH_ANSWER_CHARS else None
 
     def items(self, split: str) -> list[dict]:
         """train and test from the source; val is carved from train: its last 10% of rows (at most 500), which the

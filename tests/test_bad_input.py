@@ -33,6 +33,7 @@ COUNTDOWN_OUTPUTS = [
     ("an unclosed tag", "<answer>" + "3*5=15," * 150_000),
     ("a megabyte inside tags", "<answer>" + "1" * 1_000_000 + "</answer>"),
     ("a megabyte of steps", "3*5=15," * 150_000 + "15+7=22"),
+    ("128k characters inside tags", "<answer>" + "(3*5+7)" * 18_300 + "</answer>"),
 ]
 
 
@@ -54,12 +55,35 @@ MATH_OUTPUTS = [
     ("non-UTF-8", "\\boxed{7\udcff2}"),
     ("hostile power", "\\boxed{9**9**9}"),
     ("bytes, not text", b"\\boxed{72}"),
+    ("many unclosed boxes", "\\boxed{" * 20_000),  # each box's brace scan restarted: did not return in 180 s
+    ("a megabyte of open braces", "{" * 1_000_000),
+    ("many answer phrases", "The answer is 7 " * 60_000),
+    ("a long line after the answer phrase", "The answer is " + "(" * 200_000),
 ]
 
 
 @pytest.mark.parametrize("label,response", MATH_OUTPUTS, ids=[c[0] for c in MATH_OUTPUTS])
 def test_math_bad_output_gets_reward_zero(label, response):
+    start = time.perf_counter()
     assert common.verify_math("72", response)[0] is False
+    # a hang guard: extraction is one linear pass; the power is cut by math-verify's 5 s timeout
+    assert time.perf_counter() - start < 3 * common.MATH_TIMEOUT
+
+
+def test_hostile_gold_answers_are_bounded(tmp_path):
+    """Golds over MAX_MATH_ANSWER_CHARS make their row malformed (skipped and counted) and get reward 0 if passed to
+    verify_math directly, without being parsed."""
+    nested = "{" * 10_000 + "1" + "}" * 10_000
+    rows = [{"problem": "Fine", "answer": "4"}, {"problem": "Nested", "answer": nested},
+            {"problem": "Boxes", "solution": "\\boxed{" * 20_000},
+            {"problem": "Long", "solution": "\\boxed{" + "9" * 10**6 + "}"}]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    start = time.perf_counter()
+    assert common.get_task("math", dataset=str(tmp_path)).items("test") == [{"question": "Fine", "gold": "4"}]
+    assert common.verify_math(nested, "\\boxed{1}") == (False, False)
+    assert common.verify_math("9" * 10**6, "\\boxed{9}") == (False, False)
+    assert time.perf_counter() - start < 10
 
 
 # ---- dataset rows -> skipped and counted; nothing usable -> one clear error -----------------------------------------
@@ -71,6 +95,8 @@ BAD_ROWS = [
     ("empty prompt", {"question": "   ", "answer": "#### 3"}),
     ("non-numeric target", {"question": "What is 1+2?", "answer": "#### three"}),
     ("no #### marker", {"question": "What is 1+2?", "answer": "3"}),
+    ("non-ASCII digit", {"question": "What is 1+2?", "answer": "#### \u0663"}),  # Arabic-Indic 3: no answer matches it
+    ("a million digits", {"question": "What is 1+2?", "answer": "#### " + "9" * 10**6}),
 ]
 
 
