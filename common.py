@@ -17,6 +17,7 @@ import os
 import random
 import re
 import select
+import shutil
 import subprocess
 import sys
 import threading
@@ -644,8 +645,9 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
 
     The tokenizer pads on the left (for batched generation) and falls back to EOS as pad. The model's own
     generation_config is replaced by one that keeps only its special-token ids, so sampling is set by our flags
-    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy).
-    Dropout is switched off (`disable_dropout`).
+    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy);
+    the original stays in `model.base_generation_config` for `save_pretrained`. Dropout is switched off
+    (`disable_dropout`).
 
     Precision: with `bf16` on a GPU, a model to train keeps fp32 weights (AdamW updates of ~1e-6 vanish in bf16) and
     computes in bf16 under autocast in `rollout` and `response_logprobs`; a `frozen` model (reference, never trained)
@@ -668,6 +670,7 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    model.base_generation_config = model.generation_config
     model.generation_config = GenerationConfig(
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=model.generation_config.bos_token_id
     )
@@ -1257,11 +1260,25 @@ def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | Non
                    options=StateDictOptions(full_state_dict=True))
 
 
-def save_pretrained(model, tokenizer, path: Path) -> None:
-    """`save_pretrained` of the trained model (gathered from every process under FSDP), written by rank 0."""
-    model_sd, _ = full_state_dicts(model)
+def save_pretrained(model, tokenizer, path: Path, dtype: str = "auto") -> None:
+    """A folder that `from_pretrained` loads: the trained weights in `dtype` ("auto": the training's compute dtype,
+    bfloat16 with --bf16 on a GPU, else float32), the base model's own generation_config (not the stripped one that
+    sampling uses) and the tokenizer. Every process calls it; rank 0 writes. Under FSDP the weights are gathered one
+    tensor at a time and cast on rank 0's CPU, so host memory holds the saved model once, on rank 0 only."""
+    hf = unwrap(model)
+    dtype = (getattr(hf, "autocast_dtype", None) or torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    copies, weights = {}, {}  # copies: by source tensor, so tied weights stay one tensor (as save_pretrained expects)
+    for name, tensor in hf.state_dict(keep_vars=True).items():
+        if id(tensor) not in copies:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP: a collective
+            cast = dtype if full.is_floating_point() else full.dtype
+            copies[id(tensor)] = full.detach().to("cpu", cast) if is_main() else None
+        weights[name] = copies[id(tensor)]
     if is_main():
-        unwrap(model).save_pretrained(path, state_dict=model_sd)
+        hf.save_pretrained(path, state_dict=weights)
+        hf.config.dtype = dtype  # save_pretrained recorded the training weights' dtype
+        hf.config.save_pretrained(path)
+        getattr(hf, "base_generation_config", hf.generation_config).save_pretrained(path)
         tokenizer.save_pretrained(path)
         print(f"model saved to {path}")
 
@@ -1297,14 +1314,46 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
-    """Write `state` (state_dicts of models, optimizers, the sampler, method state) with the step and all RNG states.
+def _optimizer_key(name: str) -> str:
+    return "optimizer" if name == "policy" else f"{name}_optimizer"  # the keys checkpoint.pt has always had
 
-    Atomic: the file is written beside the old one, flushed to disk, then renamed over it, so a kill during the save
-    leaves the previous checkpoint intact. Under torchrun every process calls it (each one's RNG states are kept)
-    and rank 0 writes the file."""
-    states = gather_lists([rng_state()])
-    path = Path(run_dir) / CHECKPOINT_FILE
+
+def _shards(models: dict) -> dict:
+    """This process's shards of `models`' ({name: (model, optimizer)}) state, keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return {name: dict(zip(("model", "optimizer"), get_state_dict(model, [optimizer])))
+            for name, (model, optimizer) in models.items()}
+
+
+def save_checkpoint(run_dir: Path, step: int, state: dict, models: dict | None = None) -> Path:
+    """Write `state` (the sampler, method state), the step, every process's RNG states and `models` ({name: (model,
+    optimizer)}) so that a run continues exactly. Every process calls it.
+
+    Without FSDP, rank 0 writes it all into one file, `checkpoint.pt` (models under their names, optimizers under
+    `optimizer` for the policy and `<name>_optimizer` for others). Under FSDP each process writes its own shard of the
+    models and optimizers with torch.distributed.checkpoint into a fresh folder `checkpoint-<step>/` (nothing is
+    gathered), and checkpoint.pt keeps the rest and that folder's name.
+
+    Atomic: checkpoint.pt is written beside the old one, flushed to disk and renamed over it after every shard is on
+    disk; that rename is the commit. A kill at any moment leaves the previous checkpoint.pt and the folder it names
+    intact; older folders are deleted after the commit."""
+    gathered = gather_lists([(rng_state(), str(run_dir))])
+    states, run_dir = [rng for rng, _ in gathered], Path(gathered[0][1])  # rank 0's: each process timed its own name
+    state = dict(state)
+    if any(is_fsdp(model) for model, _ in (models or {}).values()):
+        import torch.distributed.checkpoint as dcp
+
+        shards = run_dir / f"checkpoint-{step}"
+        if is_main() and shards.exists():
+            shutil.rmtree(shards)  # left by a save that was killed
+        torch.distributed.barrier()
+        dcp.save(_shards(models), checkpoint_id=shards)  # returns once every process's file and the index are written
+        state["shards"] = shards.name
+    else:
+        for name, (model, optimizer) in (models or {}).items():
+            state[name], state[_optimizer_key(name)] = full_state_dicts(model, optimizer)
+    path = run_dir / CHECKPOINT_FILE
     if not is_main():
         return path
     tmp = path.with_suffix(".tmp")
@@ -1313,12 +1362,15 @@ def save_checkpoint(run_dir: Path, step: int, state: dict) -> Path:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    for folder in run_dir.glob("checkpoint-*"):
+        if folder.is_dir() and folder.name != state.get("shards"):
+            shutil.rmtree(folder)
     return path
 
 
 def load_checkpoint(run_dir: str | Path) -> dict:
-    """Read a run folder's checkpoint (the caller restores models, optimizers, ...; RNG states are restored here,
-    each process its own: resume with as many processes as wrote the checkpoint)."""
+    """Read a run folder's checkpoint.pt (restore models with `load_models`, the rest is the caller's; RNG states are
+    restored here, each process its own: resume with as many processes as wrote the checkpoint)."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.is_file():
         raise UserInputError(f"no checkpoint to resume from: {path} does not exist")
@@ -1336,7 +1388,31 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     except Exception as exc:
         raise UserInputError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}); "
                              "it cannot be resumed") from None
+    if "shards" in checkpoint:
+        checkpoint["shards"] = path.parent / checkpoint["shards"]
     return checkpoint
+
+
+def load_models(checkpoint: dict, models: dict) -> None:
+    """Restore `models` ({name: (model, optimizer)}) from what `load_checkpoint` returned. From a sharded (FSDP)
+    checkpoint each process reads only its own shards; from a single file every process takes the whole state."""
+    if "shards" not in checkpoint:
+        for name, (model, optimizer) in models.items():
+            load_full_state_dicts(model, optimizer, checkpoint[name], checkpoint[_optimizer_key(name)])
+        return
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    shards = _shards(models)
+    try:
+        dcp.load(shards, checkpoint_id=checkpoint["shards"])  # in place, into this process's shards
+    except (Exception, dcp.CheckpointException) as exc:  # the latter: a failure of any process, raised in all
+        cause = next(iter(exc.failures.values()))[0] if isinstance(exc, dcp.CheckpointException) else exc
+        raise UserInputError(f"checkpoint {checkpoint['shards']} is corrupt or incomplete ({type(cause).__name__}); "
+                             "it cannot be resumed") from None
+    for name, (model, optimizer) in models.items():
+        set_state_dict(model, [optimizer], model_state_dict=shards[name]["model"],
+                       optim_state_dict=shards[name]["optimizer"])
 
 
 def resume_config(args, args_class):

@@ -74,6 +74,8 @@ class Args:
     """every run writes to `<output_dir>/<run_name>/`"""
     save_model: bool = False
     """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
+    save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    """dtype of the --save-model weights (auto: bfloat16 when training ran with --bf16 on a GPU, else float32)"""
     log_completions_every: int = 50
     """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
     checkpoint_every: int = 50
@@ -207,7 +209,7 @@ if __name__ == "__main__":
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
-        common.load_full_state_dicts(policy, optimizer, checkpoint["policy"], checkpoint["optimizer"])
+        common.load_models(checkpoint, {"policy": (policy, optimizer)})
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
@@ -330,10 +332,9 @@ if __name__ == "__main__":
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            policy_state, optimizer_state = common.full_state_dicts(policy, optimizer)
-            common.save_checkpoint(logger.run_dir, step, {"policy": policy_state, "optimizer": optimizer_state,
-                                                          "sampler": sampler.state_dict(), "skipped_steps": guard.skipped})
+            common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
+                                   models={"policy": (policy, optimizer)})
 
     if args.save_model:
-        common.save_pretrained(policy, tokenizer, logger.run_dir / "model")
+        common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()

@@ -4,6 +4,7 @@ loaders for the algorithm scripts (they are scripts, not a package)."""
 import importlib.util
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -51,6 +52,14 @@ def kill_after_first_checkpoint(proc: subprocess.Popen, out_dir: Path, kill) -> 
     proc.wait()
     (run_dir,) = out_dir.iterdir()
     return run_dir
+
+
+def base_with_sampling_defaults(folder: Path) -> Path:
+    """A copy of the embedded model whose generation_config carries sampling defaults, as hub models' often do."""
+    shutil.copytree(REPO_ROOT / common.EMBEDDED_MODEL, folder)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": 0, "pad_token_id": 0, "top_k": 20,
+                                                               "top_p": 0.8, "temperature": 0.7, "do_sample": True}))
+    return folder
 
 
 def run_python(args: list[str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:

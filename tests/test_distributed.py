@@ -1,19 +1,23 @@
 """Several processes on the CPU (gloo), as torchrun runs them: the same global batch gives the same loss and update
 as one process (DDP and FSDP2, fixed-size and token-budget micro-batches), the shared helpers agree across processes,
-and every algorithm file runs under `torchrun --nproc-per-node 2`."""
+every algorithm file runs under `torchrun --nproc-per-node 2`, and FSDP checkpoints are sharded, resumable and
+survive a crash in the middle of a save."""
 
+import copy
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from conftest import (ALGORITHMS, REPO_ROOT, kill_after_first_checkpoint,
+from conftest import (ALGORITHMS, REPO_ROOT, base_with_sampling_defaults, kill_after_first_checkpoint, process_share,
                       records, run_distributed)
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import common
 
@@ -184,3 +188,108 @@ def test_killed_torchrun_job_resumes_exactly(tmp_path):
                          capture_output=True, text=True, timeout=600)
     assert one.returncode != 0 and "written by 2 process(es)" in one.stderr and "Traceback" not in one.stderr
     shutil.rmtree(tmp_path)
+
+
+SHARD_FILES = [".metadata", "__0_0.distcp", "__1_0.distcp"]  # torch.distributed.checkpoint: its index, a file per rank
+
+
+def test_fsdp_checkpoints_are_sharded_and_resume_exactly(tmp_path):
+    """Under --fsdp every process writes its own shard of the policy and AdamW state and reads it back: a run killed
+    after its first checkpoint and resumed ends with the uninterrupted run's records. --save-model gathers the
+    shards into a bf16 from_pretrained folder with the base model's generation_config."""
+    base = base_with_sampling_defaults(tmp_path / "base")
+    flags = ["algorithms/grpo.py", *FLAGS, "--fsdp", "--model-name", str(base)]
+    full = torchrun([*flags, "--output-dir", str(tmp_path / "full"), "--save-model", "--save-dtype", "bfloat16"])
+    assert full.wait(timeout=600) == 0, full.stderr.read()[-3000:]
+    victim = torchrun([*flags, "--output-dir", str(tmp_path / "killed")])
+    run_dir = kill_after_first_checkpoint(victim, tmp_path / "killed", lambda: os.killpg(victim.pid, signal.SIGKILL))
+    assert records(run_dir)[-1]["step"] < 4
+    resumed = torchrun(["algorithms/grpo.py", "--resume", str(run_dir)])
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-3000:]
+    (full_dir,) = (tmp_path / "full").iterdir()
+    assert records(run_dir) == records(full_dir)
+
+    for folder in (full_dir, run_dir):  # the last checkpoint's shards only; checkpoint.pt keeps no weights
+        assert [p.name for p in folder.glob("checkpoint-*")] == ["checkpoint-4"]
+        assert sorted(p.name for p in (folder / "checkpoint-4").iterdir()) == SHARD_FILES
+        assert "policy" not in torch.load(folder / "checkpoint.pt", weights_only=False)
+    weights_bytes = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(base).parameters())
+    for shard in SHARD_FILES[1:]:  # each process wrote half of the weights and of AdamW's two moments
+        assert (run_dir / "checkpoint-4" / shard).stat().st_size > 0.4 * 3 * weights_bytes
+
+    saved = AutoModelForCausalLM.from_pretrained(full_dir / "model")
+    assert {p.dtype for p in saved.parameters()} == {torch.bfloat16}
+    assert json.loads((full_dir / "model" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert GenerationConfig.from_pretrained(full_dir / "model").to_dict() == GenerationConfig.from_pretrained(base).to_dict()
+
+
+def crash_in_a_sharded_save(run_dir: str):
+    """An FSDP policy checkpointed at step 1, trained a step more, then a save at step 2 that dies in its commit
+    (rank 0 killed just before it renames checkpoint.pt), its shard folder then cut short. Returns (restored step,
+    full state after step 1, full state restored, files after the crash, files after the next save, the error for a
+    missing shard); the full states are rank 0's."""
+    model, _, T, share = process_share()
+    policy = common.data_parallel(model, fsdp=True)
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
+    models = {"policy": (policy, optimizer)}
+
+    def train_step():
+        optimizer.zero_grad()
+        logp = common.response_logprobs(policy, share.input_ids, share.attention_mask, T).logp
+        (logp * share.mask).sum().backward()
+        optimizer.step()
+
+    train_step()
+    common.save_checkpoint(Path(run_dir), 1, {}, models)
+    after_step_1 = copy.deepcopy(common.full_state_dicts(policy, optimizer))  # AdamW's step counters change in place
+    train_step()
+    replace = os.replace
+
+    def dies_in_the_commit(src, dst):
+        if Path(dst).name == common.CHECKPOINT_FILE:
+            raise KeyboardInterrupt  # stands in for SIGKILL
+        return replace(src, dst)
+
+    os.replace = dies_in_the_commit
+    try:
+        common.save_checkpoint(Path(run_dir), 2, {}, models)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        os.replace = replace
+    torch.distributed.barrier()
+    if common.is_main():
+        for shard in (Path(run_dir) / "checkpoint-2").iterdir():
+            shard.write_bytes(shard.read_bytes()[:100])  # as if the kill had come while the shards were written
+    torch.distributed.barrier()
+    after_crash = sorted(p.name for p in Path(run_dir).iterdir())
+
+    fresh = common.data_parallel(common.load_model_and_tokenizer(common.EMBEDDED_MODEL)[0], fsdp=True)
+    fresh_optimizer = torch.optim.AdamW(fresh.parameters(), lr=1e-2)
+    checkpoint = common.load_checkpoint(run_dir)
+    common.load_models(checkpoint, {"policy": (fresh, fresh_optimizer)})
+    restored = common.full_state_dicts(fresh, fresh_optimizer)
+    common.save_checkpoint(Path(run_dir), 2, {}, models)  # the next save replaces the left-overs
+    after_save = sorted(p.name for p in Path(run_dir).iterdir())
+    torch.distributed.barrier()
+    if common.is_main():
+        (Path(run_dir) / "checkpoint-2" / "__1_0.distcp").unlink()
+    torch.distributed.barrier()
+    try:
+        common.load_models(common.load_checkpoint(run_dir), models)
+        error = ""
+    except common.UserInputError as exc:
+        error = str(exc)
+    return checkpoint["step"], after_step_1, restored, after_crash, after_save, error
+
+
+def test_a_crash_during_a_sharded_save_leaves_the_previous_checkpoint(tmp_path):
+    (step, (model_sd, optim_sd), (restored_sd, restored_optim_sd), after_crash, after_save, error), second = \
+        run_distributed(crash_in_a_sharded_save, str(tmp_path))
+    assert step == 1 and after_crash == ["checkpoint-1", "checkpoint-2", "checkpoint.pt", "checkpoint.tmp"]
+    torch.testing.assert_close(restored_sd, model_sd, rtol=0, atol=0)
+    torch.testing.assert_close(restored_optim_sd["state"], optim_sd["state"], rtol=0, atol=0)
+    assert len(optim_sd["state"]) > 10
+    assert after_save == ["checkpoint-2", "checkpoint.pt"]
+    assert error.startswith("checkpoint ") and "corrupt or incomplete" in error and "\n" not in error
+    assert second[-1] == error  # every process stops with the same message

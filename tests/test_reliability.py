@@ -1,4 +1,4 @@
-"""Checkpoints, RNG capture, resume bookkeeping and the non-finite guard in common.py."""
+"""Checkpoints, RNG capture, resume bookkeeping, the non-finite guard and `save_pretrained` in common.py."""
 
 import json
 import random
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
+from conftest import base_with_sampling_defaults
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 import common
 
@@ -113,3 +115,20 @@ def test_a_nan_loss_leaves_the_parameters_untouched(random_model):
     if guard.step_ok(grad_norm):
         optimizer.step()
     assert guard.skipped == 1 and all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_saved_model_has_the_asked_dtype_and_the_base_generation_config(tmp_path):
+    base = base_with_sampling_defaults(tmp_path / "base")
+    model, tokenizer = common.load_model_and_tokenizer(str(base))
+    assert model.generation_config.top_k is None  # sampling runs without the base's defaults
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01)  # stands in for training
+    common.save_pretrained(model, tokenizer, tmp_path / "bf16", "bfloat16")
+    common.save_pretrained(model, tokenizer, tmp_path / "auto")  # trained in fp32 on the CPU: saved in fp32
+    for folder, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32)):
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / folder)
+        for name, value in model.state_dict().items():
+            assert torch.equal(saved.state_dict()[name], value.to(dtype)), (folder, name)
+        generation = GenerationConfig.from_pretrained(tmp_path / folder)
+        assert generation.to_dict() == GenerationConfig.from_pretrained(base).to_dict() and generation.top_k == 20
