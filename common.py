@@ -12,6 +12,7 @@ import contextlib
 import copy
 import functools
 import json
+import logging
 import math
 import os
 import random
@@ -655,6 +656,9 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     in the backward pass (less memory, about a third more compute)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars in run logs
     path = resolve_model_path(name)
     low_precision = bf16 and torch.device(device).type == "cuda"
     try:
@@ -817,6 +821,10 @@ def _low_precision_copy(model):
     for target, source in zip(shadow.parameters(), model.parameters(), strict=True):
         target.copy_(source)
     return shadow
+
+
+# continuous batching logs two lines about psutil (absent: CPU memory accounting only) on every call
+logging.getLogger("ContinuousBatchingLogger").addFilter(lambda record: "psutil" not in record.getMessage())
 
 
 def _continuous_batching(model, enc, group_size: int, max_new_tokens: int, greedy: bool, sampling: dict,

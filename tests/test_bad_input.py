@@ -153,6 +153,9 @@ CLI_CASES = [
     (["--micro-batch-tokens", "-1"], "error: --micro-batch-tokens must be >= 0"),
     (["--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),
     (["--fsdp", "--rollout", "continuous", "--model-name", "./no/such/folder"], "error: --rollout continuous does not"),
+    (["--micro-batch-tokens", "32", "--model-name", "./no/such/folder"], "error: --micro-batch-tokens 32 is smaller"),
+    (["--task", "gsm8k", "--micro-batch-tokens", "500", "--model-name", "./no/such/folder"],
+     "error: --micro-batch-tokens 500 is smaller than one row: a prompt and up to 512"),  # gsm8k's own length
     (["--rollout", "vllm"], None),  # tyro's own message: not one of generate, static, continuous
     (["--loss-agg", "bogus"], None),  # tyro's own message
     (["--learning-rate", "fast"], None),

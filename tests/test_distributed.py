@@ -23,13 +23,13 @@ import common
 
 
 
-def micro_batch_counts(lengths_per_rank):
-    lengths = torch.tensor(lengths_per_rank[common.rank()])
-    return [len(b) for b in common.micro_batches(torch.arange(len(lengths)), lengths, 8, 20)]
+def micro_batch_counts(widths_per_rank):
+    widths = torch.tensor(widths_per_rank[common.rank()])
+    return [len(b) for b in common.micro_batches(torch.arange(len(widths)), widths, 8, 20)]
 
 
 def test_every_process_gets_as_many_micro_batches():
-    short, long = [2] * 8, [10] * 8  # 20 tokens: 8 short rows fit in 1 micro-batch, long rows go 2 by 2
+    short, long = [[1, 1]] * 8, [[5, 5]] * 8  # 20 tokens: 8 short rows fit in 1 micro-batch, long rows go 2 by 2
     assert micro_batch_counts([long]) == [2, 2, 2, 2]
     sizes = run_distributed(micro_batch_counts, [short, long])
     assert len(sizes[0]) == len(sizes[1]) == 4 and sum(sizes[0]) == sum(sizes[1]) == 8
