@@ -1,7 +1,7 @@
 """Measured memory coefficients of the training and generation code paths, and a peak-memory model built from them.
 
-    python benchmarks/memory_model.py                      # Qwen2.5-0.5B / 1.5B / 7B shapes, ~5 minutes on 2 CPU cores
-    python benchmarks/memory_model.py --sizes tiny         # a smoke run
+    python benchmarks/memory_model.py                      # Qwen2.5-0.5B / 1.5B / 7B shapes, ~7 minutes on 2 CPU cores
+    python benchmarks/memory_model.py --sizes tiny --out /tmp/memory.md   # a smoke run
 
 No GPU is needed: every figure is a count of the bytes PyTorch allocates (`AllocationTracker`: each new storage an op
 returns is added, and subtracted again when the storage is freed), which does not depend on the device or its load.
@@ -19,16 +19,17 @@ vocabulary (512), and run on the CPU under `torch.autocast("cpu", dtype=torch.bf
   scaled_dot_product_attention's flash kernel (no (T, T) attention matrix), as a GPU does.
 - Logits: the same pass on a 2-wide-hidden model with the real 151,936-word vocabulary, at two response lengths:
   the bytes per response token of the (rows, T + 1, V) bf16 logits and of everything around them (fp32 chunks).
-- Generation: `common.rollout` (HF `generate`, fp32 weights under autocast; and `static`, a bf16 copy) at 1 and 2
-  layers and two response lengths: the KV cache bytes per token per layer (keys come out of the rotary embedding in
-  fp32 under autocast: 4 + 2 bytes per key/value element with `generate`, 2 + 2 in the bf16 copy).
+- Generation: `common.rollout` with `generate` (fp32 weights under autocast) on the tiny shape, 64 rows, at 1 and 2
+  layers and two response lengths: the KV cache bytes per token per layer at the peak (keys and values come out of the
+  layer in fp32 on the CPU). The real shapes' weights would hide the cache at a batch a CPU can decode; the bf16
+  decode copy (`static`/`continuous`) is not measured.
 
 What this cannot see: the CUDA caching allocator's fragmentation and rounding, cuBLAS/cuDNN/NCCL workspaces, the CUDA
 context (~0.5 GiB), kernels' internal scratch buffers, and FSDP's all-gather buffers. The model in `common.py`
 (`estimate_peak_memory`) adds 15% on top for them. Under FSDP the decoder runs in bf16 weights, whose activations are
 smaller than the fp32-weight path measured here (the `bf16 weights` column), so the estimate is conservative there.
 
-Writes the coefficients and a table to --out (markdown) and its .json twin.
+Writes the measurements to the .json twin of --out and prints the markdown tables that memory.md is made of.
 """
 
 import json
