@@ -1078,6 +1078,70 @@ def check_shared_args(args) -> None:
                              f"to {args.max_new_tokens} response tokens")
     if args.fsdp and args.rollout == "continuous":
         raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    check_memory(args)  # a one-line warning on a GPU the run will not fit
+
+
+def memory_coefficients(c: dict) -> dict[str, int]:
+    """Bytes per token (per decoder layer) of a Qwen2/Llama-style config, fitted to PyTorch's allocations counted by
+    benchmarks/memory_model.py: saved for backward, with checkpointing, in `generate`'s KV cache; and the parameters."""
+    h, i, heads, L = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    q = heads * (c.get("head_dim") or h // heads)
+    kv = c["num_key_value_heads"] * q // heads
+    layer = 26 * h + 4 * q + 4 * kv + 8 * i + 4 * heads + 8
+    params = c["vocab_size"] * h * (1 if c.get("tie_word_embeddings") else 2) + L * (2 * h * (q + kv) + 3 * h * i)
+    return dict(layer=layer, checkpointed=4 * h, recompute=layer + 4 * i + 2 * q, other=24 * h + 2 * i, kv=12 * kv,
+                params=params)
+
+
+def estimate_peak_memory(c: dict, args, processes: int = 1, prompt: int = 256) -> dict[str, float]:
+    """GPU bytes of a run: `static` (16 per policy parameter, sharded by --fsdp; decode copy, reference, PRM), the
+    phases `training`, `generation`, `evaluation`, and `peak` = 1.15 x (static + largest phase): 15% for what counted
+    allocations miss (fragmentation, CUDA/cuBLAS/NCCL workspaces)."""
+    m, L, V, autocast_fp32 = memory_coefficients(c), c["num_hidden_layers"], c["vocab_size"], not args.fsdp
+    P, width = m["params"], prompt + args.max_new_tokens
+    static = 16 * P / (processes if args.fsdp else 1) * (2 if hasattr(args, "prm_learning_rate") else 1)  # PRIME: PRM
+    static += 2 * P * ((args.rollout != "generate" and autocast_fp32) + (getattr(args, "beta", 0) > 0)
+                       + (getattr(args, "divergence", "") == "reverse-kl") + (getattr(args, "prm_ref", "") == "freeze"))
+    tokens = min(args.micro_batch_size * width, args.micro_batch_tokens or math.inf)
+    logits = 2 * V * tokens * args.max_new_tokens / width + 20 * LOGITS_CHUNK  # bf16 logits, fp32 chunks
+    if args.gradient_checkpointing:
+        training = tokens * L * m["checkpointed"] + max(logits, tokens * m["recompute"])
+    else:
+        training = tokens * (L * m["layer"] + m["other"]) + logits
+    kv = L * (m["kv"] if args.rollout == "generate" and autocast_fp32 else m["kv"] // 3)  # bf16 copy / FSDP: 2+2 B
+
+    def decoding(rows):  # KV cache, a step's fp32 logits and probabilities, the weights autocast casts to bf16
+        return rows * (width * kv + 8 * V) + 2 * P * autocast_fp32
+
+    mine = -(-getattr(args, "eval_prompts", 0) // processes)  # each process evaluates its share of the prompts
+    n = max(getattr(args, "final_eval_samples", 0), getattr(args, "eval_samples", 0), 1)
+    parts = dict(static=static, training=training + 2 * P * autocast_fp32,
+                 generation=decoding(args.prompts_per_step // processes * args.group_size),
+                 evaluation=decoding(max(min(1024, mine), min(1024 // n, mine) * n)))
+    return {**parts, "peak": 1.15 * (static + max(parts["training"], parts["generation"], parts["evaluation"]))}
+
+
+def check_memory(args, device_bytes: int | None = None) -> None:
+    """On a GPU, before any weights load (only the config is read): one stderr line if the estimate exceeds its memory;
+    silent for a config without the sizes the estimate needs."""
+    try:
+        if device_bytes is None and not (args.cuda and torch.cuda.is_available()):
+            return
+        from transformers import AutoConfig
+
+        parts = estimate_peak_memory(AutoConfig.from_pretrained(resolve_model_path(args.model_name)).to_dict(), args,
+                                     world_size())
+        device_bytes = device_bytes or torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, UserInputError):
+        return
+    phase = max(("training", "generation", "evaluation"), key=parts.get)
+    hint = {"training": "try --micro-batch-tokens 8192, --gradient-checkpointing or --fsdp",
+            "generation": "try fewer --prompts-per-step x --group-size per GPU (more GPUs)",
+            "evaluation": "try fewer --eval-prompts or --final-eval-samples (up to 1024 rows a batch)"}[phase]
+    if parts["peak"] > device_bytes and is_main():
+        print(f"warning: estimated peak memory {parts['peak'] / 2**30:.0f} GiB exceeds this GPU's "
+              f"{device_bytes / 2**30:.0f} GiB (static {parts['static'] / 2**30:.0f} GiB, {phase} "
+              f"{parts[phase] / 2**30:.0f} GiB); {hint}", file=sys.stderr)
 
 
 def _distributed() -> bool:
