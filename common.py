@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -1063,21 +1064,91 @@ def init_distributed(use_cuda: bool = True) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+class FlagError(UserInputError):
+    """A flag value out of its range: `--flag VALUE: why`; `check_shared_args` exits with code 2 (argparse's)."""
+
+    def __init__(self, name: str, value, why: str):
+        super().__init__(f"--{name.replace('_', '-')} {value}: {why}")
+
+
+def _rule(ok, why: str, finite: bool = False):
+    """A FLAG_RULES entry: `ok(value)` must hold (and the value be finite when `finite`); `why` says what is allowed."""
+    return (lambda v: (not finite or math.isfinite(v)) and ok(v)), why
+
+
+_AT_LEAST_1, _NEVER_0 = _rule(lambda v: v >= 1, "must be >= 1"), _rule(lambda v: v >= 0, "must be >= 0 (0: never)")
+_POSITIVE = _rule(lambda v: v > 0, "must be a finite number > 0", finite=True)
+_NON_NEGATIVE = _rule(lambda v: v >= 0, "must be a finite number >= 0", finite=True)
+_UNIT = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]", finite=True)
+_SHARE = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]", finite=True)
+FLAG_RULES = {  # field -> (ok(value), why), for the fields of every script's Args that exist on the given args
+    "seed": _rule(lambda v: 0 <= v <= 2**32 - 1, "must be in [0, 2**32 - 1]"),
+    "exp_name": _rule(lambda v: v not in ("", ".", "..") and not any(c in v for c in "/\\\0"),
+                      "must be a plain name, without path separators"),
+    "output_dir": _rule(lambda v: _writable_folder(v), "is not a folder that can be written (or created)"),
+    "log_completions_every": _NEVER_0, "checkpoint_every": _NEVER_0,
+    "eval_every": _rule(lambda v: v >= 0, "must be >= 0 (0: only before the first and after the last step)"),
+    "max_new_tokens": _rule(lambda v: v >= 1, "must be >= 1 (leave it out for the task's own length)"),
+    "temperature": _rule(lambda v: 0 < v <= 100, "must be in (0, 100]", finite=True),
+    "top_p": _SHARE, "top_k": _rule(lambda v: v >= 0, "must be >= 0 (0: off)"),
+    "eval_prompts": _AT_LEAST_1, "eval_samples": _rule(lambda v: v >= 0, "must be >= 0 (0: greedy only)"),
+    "final_eval_samples": _rule(lambda v: v >= 0, "must be >= 0 (0: greedy only)"),
+    "micro_batch_tokens": _rule(lambda v: v >= 0, "must be >= 0 (0: micro-batches of --micro-batch-size rows)"),
+    "num_steps": _AT_LEAST_1, "prompts_per_step": _AT_LEAST_1, "num_mini_batches": _AT_LEAST_1, "num_epochs": _AT_LEAST_1,
+    "micro_batch_size": _AT_LEAST_1, "presample_k": _AT_LEAST_1, "rehearsal_threshold": _AT_LEAST_1,
+    "pool_prompts": _AT_LEAST_1, "rehearsal_batch_size": _AT_LEAST_1,
+    "group_size": _rule(lambda v: v >= 1, "must be >= 1 (and >= 2 where groups give the baseline)"),
+    # an AdamW step moves every weight by about the learning rate: above 1 it is noise (1e39 overflows in float32)
+    "learning_rate": _rule(lambda v: 0 < v <= 1, "must be in (0, 1]", finite=True),
+    "prm_learning_rate": _rule(lambda v: 0 <= v <= 1, "must be in [0, 1] (0: the PRM stays frozen)", finite=True),
+    "max_grad_norm": _POSITIVE, "prm_max_grad_norm": _POSITIVE, "prm_beta": _POSITIVE, "rho": _POSITIVE,
+    "clip_eps_low": _UNIT, "clip_eps_high": _POSITIVE,
+    "beta": _NON_NEGATIVE, "eta": _NON_NEGATIVE, "kl_cov_coef": _NON_NEGATIVE, "entropy_coef": _NON_NEGATIVE,
+    "acc_low": _UNIT, "acc_high": _UNIT, "gamma": _UNIT, "clip_cov_ratio": _SHARE, "kl_cov_ratio": _SHARE,
+    "clip_cov_lb": _rule(lambda v: True, "must be finite", finite=True),
+    "clip_cov_ub": _rule(lambda v: True, "must be finite", finite=True),
+    "alpha": _rule(lambda v: 0 < v < 1, "must be strictly between 0 and 1", finite=True),
+}
+UNCHECKED_FLAGS = {  # checked elsewhere (tyro's choices, resume_config, model and data loading) or free-form
+    "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "save_dtype", "resume",
+    "model_name", "task", "dataset", "eval_split", "bf16", "gradient_checkpointing", "rollout", "fsdp", "scale_rewards",
+    "loss_agg", "prm_update", "prm_ref", "filter_truncated", "method", "reward_type", "reward_norm", "divergence",
+    "std_norm",
+}
+
+
+def _writable_folder(path: str) -> bool:
+    """`path` is a writable folder, or the nearest existing folder above it is (RunLogger creates the rest)."""
+    existing = Path(path).expanduser().absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    return existing.is_dir() and os.access(existing, os.W_OK | os.X_OK)
+
+
+def check_flags(args) -> None:
+    """Raise FlagError for the first field of `args` (an Args dataclass) outside its FLAG_RULES range."""
+    for field in dataclasses.fields(args):
+        value = getattr(args, field.name)
+        if field.name in FLAG_RULES and value is not None and not FLAG_RULES[field.name][0](value):
+            raise FlagError(field.name, value, FLAG_RULES[field.name][1])
+
+
 def check_shared_args(args) -> None:
-    """One-line errors, before any model loads, for the flags every script shares; sets `args.max_new_tokens` to the
-    task's own response length unless it was given."""
-    if args.task not in TASKS:
-        raise UserInputError(f"unknown task {args.task!r}; choose one of: {', '.join(TASKS)}")
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise UserInputError("--max-new-tokens must be >= 1 (leave it out for the task's own length)")
-    args.max_new_tokens = args.max_new_tokens or TASKS[args.task].max_new_tokens
-    if args.micro_batch_tokens < 0:
-        raise UserInputError("--micro-batch-tokens must be >= 0 (0: micro-batches of --micro-batch-size rows)")
-    if 0 < args.micro_batch_tokens <= args.max_new_tokens:
-        raise UserInputError(f"--micro-batch-tokens {args.micro_batch_tokens} is smaller than one row: a prompt and up "
-                             f"to {args.max_new_tokens} response tokens")
-    if args.fsdp and args.rollout == "continuous":
-        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    """Every flag in its range (FLAG_RULES) and the shared combinations, in one line `error: --flag VALUE: why` and
+    exit code 2, before any model loads; sets `args.max_new_tokens` to the task's own response length unless given."""
+    try:
+        check_flags(args)
+        if args.task not in TASKS:
+            raise FlagError("task", args.task, f"unknown task; choose one of: {', '.join(TASKS)}")
+        args.max_new_tokens = args.max_new_tokens or TASKS[args.task].max_new_tokens
+        if 0 < args.micro_batch_tokens <= args.max_new_tokens:
+            raise FlagError("micro_batch_tokens", args.micro_batch_tokens, "smaller than one row: a prompt and up to "
+                            f"{args.max_new_tokens} response tokens")
+        if args.fsdp and args.rollout == "continuous":
+            raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); use generate or static")
+    except FlagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     check_memory(args)  # a one-line warning on a GPU the run will not fit
 
 
@@ -1514,10 +1585,28 @@ def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
 
 class NonFiniteGuard:
     """Skip optimizer steps whose gradient norm is not finite (a non-finite loss makes it so); after `patience` such
-    steps in a row, stop the run with a clear message (the last checkpoint on disk is the last good state)."""
+    steps in a row, stop the run with a clear message (the last checkpoint on disk is the last good state). The weights
+    of every watched optimizer are checked after each of its steps (finite gradients and learning rate can still make
+    them overflow): non-finite weights stop the run at once, before a checkpoint can save them."""
 
-    def __init__(self, patience: int = 5):
+    def __init__(self, *optimizers, patience: int = 5):
         self.patience, self.in_a_row, self.skipped = patience, 0, 0
+        for optimizer in optimizers:
+            self.watch(optimizer)
+
+    def watch(self, optimizer) -> None:
+        optimizer.register_step_post_hook(lambda opt, *_: self.check_weights(opt))
+
+    def check_weights(self, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
+        largest = torch.stack([p.abs().amax().float() for p in local if p.numel()] or [torch.zeros(())])  # nan stays nan
+        if not all_sum((~torch.isfinite(largest.amax())).float()).item():  # every process stops together (FSDP shards differ)
+            return
+        steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+        at = f"optimizer step {int(steps[0])}" if steps else "an optimizer step"
+        raise TrainingStopped(f"the weights are not finite after {at} (learning rate {optimizer.param_groups[0]['lr']}"
+                              " too large?); stopping: the last checkpoint in the run folder is the last good state")
 
     def step_ok(self, grad_norm: torch.Tensor) -> bool:
         if torch.isfinite(grad_norm):

@@ -102,7 +102,7 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate every this many steps (and before the first and after the last)"""
+    """evaluate every this many steps, and before the first and after the last (0: only those two)"""
     eval_prompts: int = 512
     """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
     eval_split: Literal["test", "val"] = "test"
@@ -152,10 +152,10 @@ class Args:
     max_grad_norm: float = 1.0
     """gradient clipping threshold"""
 
-    # to be filled in runtime
-    batch_size: int = 0
+    # to be filled in runtime (not flags: hidden from the command line)
+    batch_size: tyro.conf.Suppress[int] = 0
     """responses per rollout (prompts_per_step * group_size)"""
-    mini_batch_size: int = 0
+    mini_batch_size: tyro.conf.Suppress[int] = 0
     """responses per optimizer step (batch_size // num_mini_batches)"""
 
 
@@ -207,6 +207,7 @@ def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=No
 
 if __name__ == "__main__":
     args = common.resume_config(tyro.cli(Args), Args)
+    common.check_shared_args(args)  # every flag in range (exit 2) before any model loads; the task's response length
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
     if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
@@ -217,7 +218,6 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
-    common.check_shared_args(args)  # one-line errors before any model loads; the task's response length
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
@@ -227,7 +227,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
-    guard = common.NonFiniteGuard()
+    guard = common.NonFiniteGuard(optimizer)  # also checks the weights after each step
     start_step = 1
     if args.resume:
         checkpoint = common.load_checkpoint(args.resume)
@@ -353,7 +353,7 @@ if __name__ == "__main__":
         if ref_model is not None:
             metrics["losses/kl"] = sums["kl"] / sums["tokens"]
         metrics = common.reduce_metrics(metrics)  # mean over processes
-        if step % args.eval_every == 0 and step != args.num_steps:
+        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
         if step == args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))

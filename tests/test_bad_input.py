@@ -1,11 +1,15 @@
 """Bad input at every entry point: a clear one-line error or a reward of 0, in bounded time, never a deep traceback."""
 
+import dataclasses
 import json
+import re
+import sys
 import time
 
 import pytest
-from conftest import run_python
 import torch
+import tyro
+from conftest import ALGORITHMS, load_algorithm, run_python
 
 import common
 
@@ -140,7 +144,7 @@ def _corrupt_run(tmp_path):
 
 
 CLI_CASES = [
-    (["--task", "nope"], "error: unknown task 'nope'"),
+    (["--task", "nope"], "error: --task nope: unknown task"),
     (["--model-name", "./no/such/folder"], "error: model folder not found"),
     (["--model-name", "some-org/not-cached-model"], "error: could not load model"),
     (["--group-size", "1"], "error: need group_size >= 2"),
@@ -149,13 +153,13 @@ CLI_CASES = [
     (["--task", "gsm8k", "--dataset", "./no/such/folder"], "error: dataset folder not found"),
     (["--resume", "RUN_WITHOUT_CONFIG"], "error: cannot resume"),
     (["--resume", "CORRUPT_RUN"], "error: checkpoint"),
-    (["--temperature", "0"], "error: the sampling temperature must be > 0"),
-    (["--micro-batch-tokens", "-1"], "error: --micro-batch-tokens must be >= 0"),
-    (["--max-new-tokens", "0"], "error: --max-new-tokens must be >= 1"),
-    (["--fsdp", "--rollout", "continuous", "--model-name", "./no/such/folder"], "error: --rollout continuous does not"),
-    (["--micro-batch-tokens", "32", "--model-name", "./no/such/folder"], "error: --micro-batch-tokens 32 is smaller"),
+    (["--temperature", "0"], "error: --temperature 0.0: must be in (0, 100]"),
+    (["--micro-batch-tokens", "-1"], "error: --micro-batch-tokens -1: must be >= 0"),
+    (["--max-new-tokens", "0"], "error: --max-new-tokens 0: must be >= 1"),
+    (["--fsdp", "--rollout", "continuous", "--model-name", "./no/such/folder"], "error: --rollout continuous: does not"),
+    (["--micro-batch-tokens", "32", "--model-name", "./no/such/folder"], "error: --micro-batch-tokens 32: smaller"),
     (["--task", "gsm8k", "--micro-batch-tokens", "500", "--model-name", "./no/such/folder"],
-     "error: --micro-batch-tokens 500 is smaller than one row: a prompt and up to 512"),  # gsm8k's own length
+     "error: --micro-batch-tokens 500: smaller than one row: a prompt and up to 512"),  # gsm8k's own length
     (["--rollout", "vllm"], None),  # tyro's own message: not one of generate, static, continuous
     (["--loss-agg", "bogus"], None),  # tyro's own message
     (["--learning-rate", "fast"], None),
@@ -172,3 +176,129 @@ def test_bad_command_line_gives_one_clear_line(flags, message, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     if message:
         assert result.stderr.strip().splitlines()[-1].startswith(message)
+
+
+# ---- flags out of range -> `error: --flag VALUE: why`, exit code 2, before any model loads ------------------------------
+NAN, INF = float("nan"), float("inf")
+BAD_FLAGS = [  # (script, field, value): checked in-process by common.check_flags on the script's own Args
+    ("grpo", "num_steps", 0), ("grpo", "num_steps", -1), ("grpo", "prompts_per_step", 0), ("grpo", "group_size", 0),
+    ("grpo", "micro_batch_size", 0), ("grpo", "eval_prompts", 0), ("grpo", "eval_prompts", -1),
+    ("grpo", "eval_samples", -1), ("grpo", "final_eval_samples", -1), ("grpo", "num_epochs", 0),
+    ("grpo", "num_mini_batches", 0), ("grpo", "top_k", -1), ("grpo", "max_new_tokens", 0),
+    ("grpo", "learning_rate", NAN), ("grpo", "learning_rate", INF), ("grpo", "learning_rate", -1e-4),
+    ("grpo", "learning_rate", 0.0), ("grpo", "learning_rate", 1e39), ("grpo", "temperature", INF),
+    ("grpo", "temperature", 0.0), ("grpo", "temperature", 1e6), ("grpo", "top_p", 0.0), ("grpo", "top_p", 1.5),
+    ("grpo", "top_p", NAN),
+    ("grpo", "beta", -1.0), ("grpo", "beta", NAN), ("grpo", "clip_eps_low", 2.0), ("grpo", "clip_eps_low", -0.1),
+    ("grpo", "clip_eps_high", 0.0), ("grpo", "max_grad_norm", -1.0), ("grpo", "max_grad_norm", NAN),
+    ("grpo", "max_grad_norm", 0.0), ("grpo", "eval_every", -1), ("grpo", "checkpoint_every", -5),
+    ("grpo", "log_completions_every", -1), ("grpo", "seed", -1), ("grpo", "seed", 2**32),
+    ("grpo", "exp_name", "a/b"), ("grpo", "exp_name", ".."), ("grpo", "exp_name", ""), ("grpo", "micro_batch_tokens", -1),
+    ("prime", "prm_beta", 0.0), ("prime", "prm_learning_rate", -1.0), ("prime", "prm_learning_rate", 2.0),
+    ("prime", "prm_max_grad_norm", NAN), ("prime", "acc_low", -0.5), ("prime", "acc_high", 1.5), ("prime", "gamma", 2.0),
+    ("clip_cov", "clip_cov_ratio", 0.0), ("clip_cov", "clip_cov_ratio", 1.5), ("clip_cov", "clip_cov_ub", INF),
+    ("clip_cov", "clip_cov_lb", NAN), ("clip_cov", "clip_eps_low", 1.5),
+    ("kl_cov", "kl_cov_ratio", 0.0), ("kl_cov", "kl_cov_coef", -1.0), ("kl_cov", "num_mini_batches", 0),
+    ("em_rl", "entropy_coef", -0.001), ("em_rl", "beta", INF), ("em_rl", "group_size", 0),
+    ("dph_rl", "eta", -0.1), ("dph_rl", "alpha", 1.0), ("dph_rl", "alpha", 0.0), ("dph_rl", "presample_k", 0),
+    ("dph_rl", "rehearsal_threshold", 0), ("dph_rl", "pool_prompts", 0), ("dph_rl", "rehearsal_batch_size", 0),
+    ("rover", "rho", 0.0), ("rover", "rho", NAN), ("rover", "beta", -1.0), ("rover", "temperature", NAN),
+]
+
+
+@pytest.fixture(scope="module")
+def args_classes():
+    return {name: load_algorithm(name).Args for name in ALGORITHMS}
+
+
+@pytest.mark.parametrize("script,field,value", BAD_FLAGS, ids=[f"{s}-{f}={v}" for s, f, v in BAD_FLAGS])
+def test_flag_out_of_range_is_refused(script, field, value, args_classes):
+    args = dataclasses.replace(args_classes[script](), **{field: value})
+    with pytest.raises(common.FlagError, match=f"^--{field.replace('_', '-')} {re.escape(str(value))}: "):
+        common.check_flags(args)
+
+
+@pytest.mark.parametrize("name", ALGORITHMS)
+def test_default_flags_and_range_edges_pass(name, args_classes):
+    common.check_flags(args_classes[name]())
+    edges = {"eval_every": 0, "checkpoint_every": 0, "log_completions_every": 0, "eval_samples": 0, "top_k": 0,
+             "top_p": 1.0, "temperature": 100.0, "seed": 2**32 - 1, "beta": 0.0, "clip_eps_low": 1.0,
+             "micro_batch_tokens": 0, "max_new_tokens": 1, "gamma": 0.0, "prm_learning_rate": 0.0, "eta": 0.0}
+    args = args_classes[name]()
+    common.check_flags(dataclasses.replace(args, **{k: v for k, v in edges.items() if hasattr(args, k)}))
+
+
+def test_output_folder_must_be_writable(tmp_path, args_classes):
+    (tmp_path / "a_file").write_text("x")
+    args = args_classes["grpo"]()
+    common.check_flags(dataclasses.replace(args, output_dir=str(tmp_path / "new" / "deeper")))  # created by the run
+    for bad in (tmp_path / "a_file", tmp_path / "a_file" / "runs"):
+        with pytest.raises(common.FlagError, match="^--output-dir .*: is not a folder that can be written"):
+            common.check_flags(dataclasses.replace(args, output_dir=str(bad)))
+    assert not (tmp_path / "new").exists()  # checking creates nothing
+
+
+def test_every_field_has_a_rule_or_is_deliberately_unchecked(args_classes):
+    """A new numeric flag without a FLAG_RULES entry fails here; run-time fields are hidden from the command line."""
+    seen = set()
+    for name, args_class in args_classes.items():
+        for field in dataclasses.fields(args_class):
+            seen.add(field.name)
+            if "Suppress" in str(field.type):  # run-time field: not a flag
+                assert field.name not in common.FLAG_RULES, (name, field.name)
+                continue
+            assert (field.name in common.FLAG_RULES) != (field.name in common.UNCHECKED_FLAGS), (name, field.name)
+            if field.type in (int, float, int | None, float | None):
+                assert field.name in common.FLAG_RULES, f"{name}.py: numeric flag --{field.name} has no range rule"
+    assert set(common.FLAG_RULES) | common.UNCHECKED_FLAGS <= seen  # no stale rule
+
+
+def test_run_time_fields_are_not_flags(args_classes, monkeypatch, capsys):
+    for name, field in (("grpo", "batch-size"), ("grpo", "mini-batch-size"), ("dph_rl", "rehearsal-prompts"),
+                        ("prime", "batch-size")):
+        monkeypatch.setitem(sys.modules, name, load_algorithm(name))  # tyro reads the help texts from the source
+        assert tyro.cli(args_classes[name], args=["--seed", "3"]).seed == 3
+        with pytest.raises(SystemExit):
+            tyro.cli(args_classes[name], args=[f"--{field}", "3"])
+        assert f"--{field}" in capsys.readouterr().err  # tyro names the unknown flag
+
+
+CLI_FLAG_CASES = [  # (script, flags): each through a subprocess, before any model loads (the model folder is missing)
+    ("grpo", ["--num-mini-batches", "0"]),  # divided by before any check ran: a ZeroDivisionError traceback
+    ("grpo", ["--max-grad-norm", "-1"]),
+    ("prime", ["--prm-beta", "nan"]),
+    ("clip_cov", ["--clip-eps-low", "2"]),
+    ("kl_cov", ["--eval-every", "-1"]),
+    ("em_rl", ["--learning-rate", "inf"]),
+    ("dph_rl", ["--exp-name", "a/b"]),
+    ("rover", ["--output-dir", "README.md"]),
+]
+
+
+@pytest.mark.parametrize("script,flags", CLI_FLAG_CASES, ids=[f"{s} {' '.join(f)}" for s, f in CLI_FLAG_CASES])
+def test_bad_flag_exits_2_with_one_line_in_seconds(script, flags):
+    start = time.perf_counter()
+    result = run_python([f"algorithms/{script}.py", *flags, "--model-name", "./no/such/folder"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {flags[0]} ")  # tyro gives -1 as -1.0
+    assert time.perf_counter() - start < 60  # a hang guard: no model, no data (a few seconds of imports)
+
+
+# ---- non-finite weights after a step -> the run stops in one line ----------------------------------------------------
+def test_non_finite_weights_after_a_step_stop_the_run():
+    """Finite gradients, a finite learning rate, and still inf weights: the guard checks the weights after each step."""
+    weights = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weights], lr=3e37, weight_decay=0.0)  # each step moves the weights by -3e37
+    guard = common.NonFiniteGuard(optimizer)
+    for _ in range(11):  # -3.3e38 after 11 steps: still finite, no false alarm
+        weights.grad = torch.ones(3)
+        assert guard.step_ok(weights.grad.norm())
+        optimizer.step()
+    weights.grad = torch.ones(3)
+    with pytest.raises(common.TrainingStopped, match="^the weights are not finite after optimizer step 12 "):
+        optimizer.step()  # -inf
+    assert guard.skipped == 0
+    with torch.no_grad():
+        weights.copy_(torch.tensor([1.0, float("nan"), 1.0]))
+    with pytest.raises(common.TrainingStopped, match="weights are not finite"):
+        guard.check_weights(optimizer)
