@@ -12,6 +12,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -1469,6 +1470,34 @@ def _shards(models: dict) -> dict:
             for name, (model, optimizer) in models.items()}
 
 
+def _script() -> str:
+    """The running script's name (`grpo` for algorithms/grpo.py), recorded in and checked against checkpoints."""
+    return Path(sys.argv[0]).stem
+
+
+def _digest(obj, h=None):
+    """sha256 of a checkpoint's content, in order: every tensor's and array's bytes (read in place, not copied), the
+    repr of every other value. A byte flipped in checkpoint.pt changes it, unless it changes nothing that loads."""
+    h = h or hashlib.sha256()
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            h.update(f"{key!r}:".encode())
+            _digest(value, h)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{type(obj).__name__}{len(obj)}".encode())
+        for value in obj:
+            _digest(value, h)
+    elif isinstance(obj, torch.Tensor):
+        h.update(f"{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(obj.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, np.ndarray):
+        h.update(f"{obj.dtype}{obj.shape}".encode())
+        h.update(np.ascontiguousarray(obj).view(np.uint8))
+    else:
+        h.update(repr(obj).encode())
+    return h
+
+
 def save_checkpoint(run_dir: Path, step: int, state: dict, models: dict | None = None) -> Path:
     """Write `state` (the sampler, method state), the step, every process's RNG states and `models` ({name: (model,
     optimizer)}) so that a run continues exactly. Every process calls it.
@@ -1500,8 +1529,9 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, models: dict | None =
     if not is_main():
         return path
     tmp = path.with_suffix(".tmp")
+    content = {"script": _script(), "step": step, "rng": states[0], "rng_per_process": states, **state}
     with open(tmp, "wb") as f:
-        torch.save({"step": step, "rng": states[0], "rng_per_process": states, **state}, f)
+        torch.save({**content, "sha256": _digest(content).hexdigest()}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -1523,6 +1553,15 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     except Exception as exc:
         raise UserInputError(f"checkpoint {path} is corrupt or incomplete ({type(exc).__name__}); "
                              "it cannot be resumed") from None
+    if "sha256" not in checkpoint or "script" not in checkpoint:
+        raise UserInputError(f"checkpoint {path} carries no checksum (written by an older version of this code); "
+                             "it cannot be verified or resumed")
+    if checkpoint.pop("sha256") != _digest(checkpoint).hexdigest():
+        raise UserInputError(f"checkpoint {path} is corrupt (its checksum does not match its content); "
+                             "it cannot be resumed")
+    if checkpoint["script"] != _script():
+        raise UserInputError(f"checkpoint {path} was written by {checkpoint['script']}.py, not {_script()}.py; "
+                             "resume it with its own script")
     if len(states) != world_size():
         raise UserInputError(f"checkpoint {path} was written by {len(states)} process(es); resume it with as many "
                              f"(torchrun --nproc-per-node {len(states)}), not {world_size()}")
@@ -1558,9 +1597,19 @@ def load_models(checkpoint: dict, models: dict) -> None:
                        optim_state_dict=shards[name]["optimizer"])
 
 
-def resume_config(args, args_class):
+def given_flags(args_class, argv: list[str] | None = None) -> set[str]:
+    """The `args_class` fields named on the command line (`--num-steps 5`, `--num_steps=5`, `--no-bf16`, ...)."""
+    fields = {f.replace("_", "-"): f for f in args_class.__dataclass_fields__}
+    names = {token[2:].split("=")[0].replace("_", "-") for token in (sys.argv[1:] if argv is None else argv)
+             if token.startswith("--")}
+    names |= {name[3:] for name in names if name.startswith("no-")}  # a boolean's negative form
+    return {fields[name] for name in names if name in fields}
+
+
+def resume_config(args, args_class, argv: list[str] | None = None):
     """With `--resume RUN_DIR`, the run's saved config.json replaces the command line (so the run continues with
-    exactly its own settings); only `--num-steps`, when given, overrides the saved value. Returns the args to use."""
+    exactly its own settings); `--num-steps`, when given, sets the step the resumed run goes to. Any other flag given
+    with a value other than the saved one is refused (rather than silently ignored). Returns the args to use."""
     if not args.resume:
         return args
     config_file = Path(args.resume) / "config.json"
@@ -1571,7 +1620,13 @@ def resume_config(args, args_class):
         restored = args_class(**{**saved, "resume": args.resume})
     except (json.JSONDecodeError, TypeError) as exc:
         raise UserInputError(f"cannot resume: {config_file} is not this script's config ({exc})") from None
-    if args.num_steps != args_class.num_steps:  # given on the command line: the resumed run goes to this step
+    given = given_flags(args_class, argv) - {"resume", "num_steps"}
+    changed = sorted(f for f in given if getattr(args, f) != getattr(restored, f))
+    if changed:
+        flag = "--" + changed[0].replace("_", "-")
+        raise UserInputError(f"--resume keeps the run's own settings; {flag} was given ({getattr(args, changed[0])!r}, "
+                             f"the run has {getattr(restored, changed[0])!r}); only --num-steps may change")
+    if "num_steps" in given_flags(args_class, argv):  # the resumed run goes to this step, whatever its value
         restored.num_steps = args.num_steps
     return restored
 
@@ -1625,27 +1680,34 @@ class RunLogger:
     Under torchrun only rank 0 writes (the other processes' loggers do nothing)."""
 
     def __init__(self, args, run_name: str, resume_step: int | None = None):
-        """A new run folder, or with `resume_step` the existing one: records after that step (written after the
-        checkpoint, before a crash) are dropped, since the resumed run writes them again."""
-        self.run_dir = Path(args.output_dir) / run_name if resume_step is None else Path(args.resume)
+        """A new run folder of its own (rank 0 makes it and every process takes its name), or with `resume_step` the
+        existing one: records after that step (written after the checkpoint, before a crash) are dropped, since the
+        resumed run writes them again. Every file rewritten here is replaced atomically."""
         self.wandb, self.enabled = None, is_main()
+        if resume_step is None:
+            made = _new_run_dir(Path(args.output_dir), run_name) if self.enabled else None
+            self.run_dir = Path(gather_lists([made] if self.enabled else [])[0])  # rank 0's
+        else:
+            self.run_dir = Path(args.resume)
+            if args.num_steps < resume_step:
+                raise UserInputError(f"--num-steps {args.num_steps} is below the run's checkpoint (step "
+                                     f"{resume_step}); a resumed run can only go on")
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config = asdict(args)
-        (self.run_dir / "config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+        atomic_write(self.run_dir / "config.json", json.dumps(self.config, indent=2) + "\n")
         if resume_step is not None:
             for name in ("metrics.jsonl", "completions.jsonl"):
                 path = self.run_dir / name
                 if path.exists():
                     kept = [line for line in path.read_text().splitlines(keepends=True)
                             if line.strip() and _record_step(line) <= resume_step]
-                    path.write_text("".join(kept))
+                    atomic_write(path, "".join(kept))
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         if args.track:
             import wandb
 
-            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name,
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=self.run_dir.name,
                                     config=self.config, dir=str(self.run_dir), save_code=True)
 
     def log(self, step: int, metrics: dict) -> None:
@@ -1675,6 +1737,30 @@ class RunLogger:
         if _distributed():
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
+
+
+def _new_run_dir(output_dir: Path, name: str) -> str:
+    """Make `output_dir/name`, or `name-2`, `name-3`, ... when it exists: created exclusively, so two runs started
+    in the same second (a parallel sweep) never share a folder."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = output_dir / (name if n == 1 else f"{name}-{n}")
+        try:
+            path.mkdir()
+            return str(path)
+        except FileExistsError:
+            continue
+    raise UserInputError(f"could not make a new run folder {output_dir / name}: 10000 folders of that name exist")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` all at once: a kill at any moment leaves either the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _record_step(line: str) -> float:

@@ -2,6 +2,8 @@
 
 import json
 import random
+import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,14 +69,33 @@ class ToyArgs:
 def test_resume_uses_the_saved_config_and_only_num_steps_from_the_command_line(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"output_dir": "x", "num_steps": 50, "learning_rate": 3e-4,
                                                       "resume": "", "track": False}))
-    restored = common.resume_config(ToyArgs(learning_rate=1.0, resume=str(tmp_path)), ToyArgs)
-    assert (restored.learning_rate, restored.num_steps, restored.resume) == (3e-4, 50, str(tmp_path))
-    extended = common.resume_config(ToyArgs(num_steps=80, resume=str(tmp_path)), ToyArgs)
+    run = str(tmp_path)
+    restored = common.resume_config(ToyArgs(resume=run), ToyArgs, ["--resume", run])
+    assert (restored.learning_rate, restored.num_steps, restored.resume) == (3e-4, 50, run)
+    extended = common.resume_config(ToyArgs(num_steps=80, resume=run), ToyArgs, ["--resume", run, "--num-steps", "80"])
     assert extended.num_steps == 80
-    assert common.resume_config(ToyArgs(), ToyArgs) == ToyArgs()  # no --resume: unchanged
+    # --num-steps equal to the Args default (200) still extends: what counts is that it was given
+    to_default = common.resume_config(ToyArgs(resume=run), ToyArgs, ["--num_steps=200", "--resume", run])
+    assert to_default.num_steps == 200
+    # a flag given with the run's own value is fine; another value is refused in one line, naming the flag
+    same = common.resume_config(ToyArgs(learning_rate=3e-4, resume=run), ToyArgs, ["--learning-rate", "3e-4"])
+    assert same.learning_rate == 3e-4
+    for argv, args, flag in ((["--learning-rate", "1.0"], ToyArgs(learning_rate=1.0, resume=run), "--learning-rate"),
+                             (["--track"], ToyArgs(track=True, resume=run), "--track"),
+                             (["--output_dir=y"], ToyArgs(output_dir="y", resume=run), "--output-dir")):
+        with pytest.raises(common.UserInputError) as error:
+            common.resume_config(args, ToyArgs, ["--resume", run, *argv])
+        assert str(error.value).startswith(f"--resume keeps the run's own settings; {flag} was given")
+        assert "\n" not in str(error.value)
+    assert common.resume_config(ToyArgs(), ToyArgs, []) == ToyArgs()  # no --resume: unchanged
     (tmp_path / "config.json").write_text(json.dumps({"unknown_field": 1}))
     with pytest.raises(common.UserInputError, match="not this script's config"):
-        common.resume_config(ToyArgs(resume=str(tmp_path)), ToyArgs)
+        common.resume_config(ToyArgs(resume=run), ToyArgs, [])
+
+
+def test_given_flags_reads_every_spelling():
+    argv = ["--num-steps", "3", "--learning_rate=1", "--no-track", "--resume", "x", "--not-a-field", "5", "-h"]
+    assert common.given_flags(ToyArgs, argv) == {"num_steps", "learning_rate", "track", "resume"}
 
 
 def test_resumed_logger_drops_records_written_after_the_checkpoint(tmp_path):
@@ -132,3 +153,79 @@ def test_saved_model_has_the_asked_dtype_and_the_base_generation_config(tmp_path
             assert torch.equal(saved.state_dict()[name], value.to(dtype)), (folder, name)
         generation = GenerationConfig.from_pretrained(tmp_path / folder)
         assert generation.to_dict() == GenerationConfig.from_pretrained(base).to_dict() and generation.top_k == 20
+
+
+# ---- run folders and resume files ------------------------------------------------------------------------------------
+def test_every_run_gets_its_own_folder(tmp_path):
+    args = ToyArgs(output_dir=str(tmp_path))
+    loggers = [common.RunLogger(args, "same-name") for _ in range(3)]  # as three runs started in the same second
+    assert [logger.run_dir.name for logger in loggers] == ["same-name", "same-name-2", "same-name-3"]
+    for i, logger in enumerate(loggers):
+        logger.log(0, {"x": i})
+        logger.close()
+        assert json.loads((logger.run_dir / "metrics.jsonl").read_text()) == {"step": 0, "x": i}
+
+
+def test_a_resume_killed_while_rewriting_its_files_leaves_them_intact(tmp_path, monkeypatch):
+    logger = common.RunLogger(ToyArgs(output_dir=str(tmp_path)), "run")
+    for step in range(6):
+        logger.log(step, {"x": step})
+    logger.close()
+    run_dir = logger.run_dir
+    before = {name: (run_dir / name).read_text() for name in ("config.json", "metrics.jsonl")}
+
+    def killed(*_):
+        raise KeyboardInterrupt  # stands in for SIGKILL after the new file is written, before it replaces the old one
+
+    monkeypatch.setattr(common.os, "replace", killed)
+    for killed_in in ("config.json", "metrics.jsonl"):  # the resume rewrites config.json first, then metrics.jsonl
+        if killed_in == "metrics.jsonl":  # let the config.json rewrite pass (as a no-op) to reach metrics.jsonl's
+            monkeypatch.setattr(common, "atomic_write", lambda path, text, write=common.atomic_write:
+                                path.name == "config.json" or write(path, text))
+        with pytest.raises(KeyboardInterrupt):
+            common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3)
+        assert {name: (run_dir / name).read_text() for name in before} == before
+    monkeypatch.undo()
+    common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3).close()
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 3]
+    assert json.loads((run_dir / "config.json").read_text())["num_steps"] == 9
+    with pytest.raises(common.UserInputError, match="--num-steps 2 is below the run's checkpoint"):
+        common.RunLogger(ToyArgs(num_steps=2, resume=str(run_dir)), "run", resume_step=3)
+
+
+def test_a_flipped_byte_in_a_checkpoint_never_resumes_silently(tmp_path):
+    weights = torch.randn(1000)
+    common.save_checkpoint(tmp_path, 1, {"weights": weights, "sampler": {"pos": 3}})
+    path = tmp_path / common.CHECKPOINT_FILE
+    data = path.read_bytes()
+    inside_weights = data.find(weights.numpy().tobytes()) + 2000
+    outcomes = Counter()
+    for position in [inside_weights, *range(0, len(data), len(data) // 60)]:
+        flipped = bytearray(data)
+        flipped[position] ^= 0x10
+        path.write_bytes(bytes(flipped))
+        try:
+            checkpoint = common.load_checkpoint(tmp_path)
+        except common.UserInputError as error:
+            assert str(error).startswith(f"checkpoint {path} is corrupt") and "\n" not in str(error)
+            outcomes["corrupt" if "checksum" not in str(error) else "checksum"] += 1
+            if position == inside_weights:
+                assert "checksum does not match" in str(error)
+            continue
+        outcomes["loaded"] += 1  # a byte nothing reads (zip padding, a name field): the content must be unchanged
+        assert torch.equal(checkpoint["weights"], weights) and checkpoint["sampler"] == {"pos": 3}
+    assert outcomes["checksum"] >= 1 and outcomes["corrupt"] >= 1, outcomes
+
+
+def test_a_checkpoint_of_another_script_or_version_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["algorithms/grpo.py"])
+    common.save_checkpoint(tmp_path, 1, {"weights": torch.ones(2)})
+    assert common.load_checkpoint(tmp_path)["script"] == "grpo"
+    monkeypatch.setattr(sys, "argv", ["algorithms/prime.py"])
+    with pytest.raises(common.UserInputError, match=r"written by grpo.py, not prime.py; resume it with its own script"):
+        common.load_checkpoint(tmp_path)
+    old = torch.load(tmp_path / common.CHECKPOINT_FILE, weights_only=False)
+    del old["sha256"], old["script"]
+    torch.save(old, tmp_path / common.CHECKPOINT_FILE)
+    with pytest.raises(common.UserInputError, match="carries no checksum .written by an older version"):
+        common.load_checkpoint(tmp_path)
