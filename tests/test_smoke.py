@@ -44,7 +44,7 @@ def test_grpo_with_reference_and_minibatches(tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--task", "nope"], "error: unknown task 'nope'"),
+    (["--task", "nope"], "error: --task nope: unknown task"),
     (["--model-name", "./no/such/folder"], "error: model folder not found"),
     (["--num-mini-batches", "3"], "error: need group_size >= 2"),
     (["--group-size", "1"], "error: need group_size >= 2"),
