@@ -336,8 +336,6 @@ if __name__ == "__main__":
     if not (1 <= args.rehearsal_threshold <= args.presample_k) or args.pool_prompts < 1 or args.rehearsal_batch_size < 1:
         raise common.UserInputError("need 1 <= rehearsal_threshold <= presample_k, pool_prompts >= 1, "
                                     "rehearsal_batch_size >= 1")
-    if not 0 < args.alpha < 1:  # the generator divides by alpha (alpha - 1); the authors' code allows only (0, 1)
-        raise common.UserInputError(f"--alpha must be strictly between 0 and 1 (got {args.alpha})")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
