@@ -1232,12 +1232,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _comm_device(x: torch.Tensor) -> torch.device:
+    """Where a collective on x runs: the GPU under NCCL, x's own device under gloo."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else x.device
+
+
 def _all_reduce(x: torch.Tensor, op) -> torch.Tensor:
     """All-reduce a copy of x on the device the backend needs (NCCL: the GPU; gloo: where x is); x's device back."""
     if world_size() == 1:
         return x
-    on = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else x.device
-    y = x.to(on, copy=True)
+    y = x.to(_comm_device(x), copy=True)
     torch.distributed.all_reduce(y, op=op)
     return y.to(x.device)
 
@@ -1259,6 +1263,27 @@ def gather_lists(values: list) -> list:
     gathered = [None] * world_size()
     torch.distributed.all_gather_object(gathered, list(values))
     return [v for part in gathered for v in part]
+
+
+def gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of x (n_p, ...) concatenated in rank order: the global batch as one process would hold it,
+    the same on every process (x itself in a single process). Other dimensions are zero-padded to the largest
+    process's: each process pads its responses to its own longest, and a padded position has mask 0."""
+    if world_size() == 1:
+        return x
+    shapes = gather_lists([tuple(x.shape)])
+    padded = x.new_zeros([max(sizes) for sizes in zip(*shapes)], device=_comm_device(x))
+    padded[tuple(slice(0, n) for n in x.shape)] = x
+    parts = [torch.empty_like(padded) for _ in shapes]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[: shape[0]] for part, shape in zip(parts, shapes)]).to(x.device)
+
+
+def own_rows(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This process's rows of x, a result over the global batch `gather_rows(like)`, cut to like's shape (without the
+    padding of the other dimensions). Example: per-token values of all processes (N, T') -> this process's (n, T)."""
+    first = sum(gather_lists([len(like)])[: rank()])  # global number of this process's first row
+    return x[(slice(first, first + len(like)), *(slice(0, n) for n in like.shape[1:]))]
 
 
 def shard(items: list) -> list:

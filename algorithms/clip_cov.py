@@ -191,36 +191,26 @@ def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
 
 
 def token_covariance(logp, advantages, mask):
-    """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
-    means are over valid tokens only (of all processes) and padding gets 0. Its mean over valid tokens is the batch
-    covariance."""
+    """Per-token covariance term cov_i = (A_i - mean A)(logp_i - mean logp) from detached tensors, all (B, T); the
+    means are over the valid tokens only and padding gets 0. Its mean over the valid tokens is the batch covariance."""
     logp, advantages = logp.detach(), advantages.detach()
-    centred_adv = advantages - common.masked_mean(advantages, mask, all_processes=True)
-    centred_logp = logp - common.masked_mean(logp, mask, all_processes=True)
+    centred_adv = advantages - common.masked_mean(advantages, mask)
+    centred_logp = logp - common.masked_mean(logp, mask)
     return centred_adv * centred_logp * mask
 
 
 def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_high: float, generator=None):
     """Tokens whose gradient Clip-Cov cuts: k = max(int(ratio * N), 1) drawn uniformly at random (not top-k) from the
     candidates (valid, not PPO-clipped, cov_low < cov < cov_high), or all candidates when fewer. cov, mask,
-    ppo_clipped: (B, T). Returns (selected (B, T) bool, number of candidates).
-    Under torchrun N and the candidates are those of all processes (in rank order): rank 0 draws with its generator,
-    every process gets the draw and keeps its own positions."""
+    ppo_clipped: (B, T). Returns (selected (B, T) bool, number of candidates)."""
     valid = mask.bool()
     candidates = valid & ~ppo_clipped & (cov > cov_low) & (cov < cov_high)
-    k = max(int(ratio * int(common.all_sum(valid.sum()))), 1)
-    candidate_positions = candidates.flatten().nonzero().squeeze(1)  # (n_candidates,) of this process
-    counts = common.gather_lists([len(candidate_positions)])  # every process's number of candidates
-    offset, n_candidates = sum(counts[: common.rank()]), sum(counts)
-    if common.is_main():
-        draw = torch.randperm(n_candidates, generator=generator)[:k].to(cov.device)
-    else:
-        draw = torch.zeros(min(k, n_candidates), dtype=torch.long, device=cov.device)
-    draw = common.all_sum(draw) - offset  # rank 0's draw, as positions in this process's candidates
-    draw = draw[(draw >= 0) & (draw < len(candidate_positions))]
+    k = max(int(ratio * int(valid.sum())), 1)
+    candidate_positions = candidates.flatten().nonzero().squeeze(1)  # (n_candidates,), row by row
+    draw = torch.randperm(len(candidate_positions), generator=generator)[:k].to(cov.device)
     selected = torch.zeros(candidates.numel(), dtype=torch.bool, device=cov.device)
     selected[candidate_positions[draw]] = True
-    return selected.view_as(candidates), n_candidates
+    return selected.view_as(candidates), len(candidate_positions)
 
 
 def clip_cov_loss(logp, old_logp, advantages, selected, eps_low: float, eps_high: float):
@@ -335,12 +325,17 @@ if __name__ == "__main__":
                         mb_logp[part] = common.response_logprobs(policy, ro.input_ids[mb[part]],
                                                                  ro.attention_mask[mb[part]], response_len,
                                                                  args.temperature).logp
-                    _, _, mb_ppo_clipped = ppo_clip_loss(mb_logp, old_logp[mb], advantages[mb], args.clip_eps_low,
-                                                         args.clip_eps_high)
-                    mb_cov = token_covariance(mb_logp, advantages[mb], mb_mask)  # (m, T)
+                    # every process's rows of the mini-batch (M, T'), the same on every process, so that the means,
+                    # N, the candidates and the draw are those of the whole mini-batch
+                    all_logp, all_old_logp, all_advantages, all_mask = (
+                        common.gather_rows(x) for x in (mb_logp, old_logp[mb], advantages[mb], mb_mask))
+                    _, _, ppo_clipped = ppo_clip_loss(all_logp, all_old_logp, all_advantages, args.clip_eps_low,
+                                                      args.clip_eps_high)
+                    cov = token_covariance(all_logp, all_advantages, all_mask)  # (M, T')
                     draws = torch.Generator().manual_seed(hash((args.seed, step, epoch, k)))  # the same on every process
-                    mb_selected, n_candidates = clip_cov_select(mb_cov, mb_mask, mb_ppo_clipped, args.clip_cov_ratio,
-                                                                args.clip_cov_lb, args.clip_cov_ub, draws)  # (m, T)
+                    selected, n_candidates = clip_cov_select(cov, all_mask, ppo_clipped, args.clip_cov_ratio,
+                                                             args.clip_cov_lb, args.clip_cov_ub, draws)  # (M, T')
+                    mb_selected, mb_cov = common.own_rows(selected, mb_mask), common.own_rows(cov, mb_mask)  # (m, T)
                     sums["candidates"] += n_candidates
                     sums["selected"] += mb_selected.sum().item()
                     sums["selected_cov"] += mb_cov[mb_selected].sum().item()

@@ -310,16 +310,16 @@ def build_rehearsal_set(policy, responses: list[tuple], pad_id: int, args, devic
     return RehearsalSet(input_ids, attention_mask, mask, logp0 * mask)
 
 
-def rehearsal_backward(policy, rehearsal: RehearsalSet, rows: torch.Tensor, args, sums: dict) -> None:
-    """Backward of eta * L_pef on this process's `rows` of the step's rehearsal batch, micro-batched; adds its metrics
-    to `sums`. L_pef is the token-mean over the whole batch (its tokens summed over all processes), and this
-    process's share is multiplied by the processes, since DDP/FSDP average the gradients."""
-    rehearsal_tokens = common.all_sum(rehearsal.mask[rows].sum())
+def rehearsal_backward(policy, rehearsal: RehearsalSet, rows: torch.Tensor, total_tokens, loss_scale: float, args,
+                       sums: dict) -> None:
+    """Backward of eta * L_pef on `rows` of the step's rehearsal batch, micro-batched; adds its metrics to `sums`.
+    L_pef is the token-mean over the whole batch of `total_tokens` tokens, of which `rows` may be a part; the loss is
+    multiplied by `loss_scale` (the number of processes when each holds a part: DDP/FSDP average the gradients)."""
     for idx in common.micro_batches(rows, rehearsal.widths, args.micro_batch_size, args.micro_batch_tokens):
         logp = common.response_logprobs(policy, rehearsal.input_ids[idx], rehearsal.attention_mask[idx],
                                         args.max_new_tokens, args.temperature).logp
         f_u, u = rehearsal_token_loss(logp, rehearsal.logp0[idx], args.divergence, args.alpha)  # (b, T)
-        rehearsal_loss = common.world_size() * (f_u * rehearsal.mask[idx]).sum() / rehearsal_tokens
+        rehearsal_loss = loss_scale * (f_u * rehearsal.mask[idx]).sum() / total_tokens
         (args.eta * rehearsal_loss).backward()
         sums["rehearsal_loss"] += rehearsal_loss.item()
         sums["rehearsal_u"] += (u * rehearsal.mask[idx]).sum().item()
@@ -470,7 +470,8 @@ if __name__ == "__main__":
                 if rehearsal is not None:  # eta * L_pef: token-mean over a batch of stored base-model successes
                     # the same global batch on every process (same seeded order), this process's share of it
                     rehearsal_rows = torch.tensor(common.shard(rehearsal_order.next_batch()), device=device)
-                    rehearsal_backward(policy, rehearsal, rehearsal_rows, args, sums)
+                    rehearsal_tokens = common.all_sum(rehearsal.mask[rehearsal_rows].sum())  # the whole batch's
+                    rehearsal_backward(policy, rehearsal, rehearsal_rows, rehearsal_tokens, world_size, args, sums)
                 grad_norm = common.clip_grad_norm(policy, args.max_grad_norm)
                 if guard.step_ok(grad_norm):  # a non-finite loss or gradient skips the step
                     optimizer.step()

@@ -177,26 +177,22 @@ def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rew
 
 
 def token_covariance(logp, advantages, mask):
-    """Per-token covariance term cov_i = (A_i - mean_m A)(logp_i - mean_m logp) from detached tensors, all (B, T); the
-    means are over valid tokens only (of all processes) and padding gets 0. Its mean over valid tokens is the batch
-    covariance."""
+    """Per-token covariance term cov_i = (A_i - mean A)(logp_i - mean logp) from detached tensors, all (B, T); the
+    means are over the valid tokens only and padding gets 0. Its mean over the valid tokens is the batch covariance."""
     logp, advantages = logp.detach(), advantages.detach()
-    centred_adv = advantages - common.masked_mean(advantages, mask, all_processes=True)
-    centred_logp = logp - common.masked_mean(logp, mask, all_processes=True)
+    centred_adv = advantages - common.masked_mean(advantages, mask)
+    centred_logp = logp - common.masked_mean(logp, mask)
     return centred_adv * centred_logp * mask
 
 
 def kl_cov_select(cov, mask, ratio: float):
     """Tokens that get the KL-Cov penalty: the k = max(int(ratio * N), 1) valid tokens of largest cov (deterministic
-    top-k, no bounds), N = number of valid tokens. cov, mask: (B, T). Returns selected (B, T) bool.
-    Under torchrun N and the top-k are over all processes' tokens (torch.topk of their concatenation in rank order)."""
+    top-k, no bounds), N = number of valid tokens. cov, mask: (B, T). Returns selected (B, T) bool."""
     valid = mask.bool()
-    n_valid = int(common.all_sum(valid.sum()))
+    n_valid = int(valid.sum())
     k = min(max(int(ratio * n_valid), 1), n_valid)
-    parts = common.gather_lists([cov.masked_fill(~valid, float("-inf")).flatten().cpu()])  # every process's, rank order
-    offset = sum(len(part) for part in parts[: common.rank()])  # where this process's scores start
-    top = torch.cat(parts).to(cov.device).topk(k).indices - offset  # (k,), this process's positions: [0, cov.numel())
-    top = top[(top >= 0) & (top < cov.numel())]
+    scores = cov.masked_fill(~valid, float("-inf")).flatten().cpu()  # (B * T,); on the CPU: ties break alike anywhere
+    top = scores.topk(k).indices.to(cov.device)  # (k,) positions in the flattened batch
     selected = torch.zeros(cov.numel(), dtype=torch.bool, device=cov.device)
     selected[top] = True
     return selected.view_as(cov)
@@ -323,8 +319,12 @@ if __name__ == "__main__":
                     if on_policy:  # the policy is the sampling one: these are its old log-probs, computed exactly as
                         old_logp[mb[weights > 0]] = mb_logp[weights > 0]  # the gradient pass computes them (d = 0)
                         on_policy = False
-                    mb_cov = token_covariance(mb_logp, advantages[mb], mb_mask)  # (m, T)
-                    mb_selected = kl_cov_select(mb_cov, mb_mask, args.kl_cov_ratio)  # (m, T)
+                    # every process's rows of the mini-batch (M, T'), the same on every process, so that the means,
+                    # N and the top-k are those of the whole mini-batch
+                    all_logp, all_advantages, all_mask = (common.gather_rows(x) for x in (mb_logp, advantages[mb], mb_mask))
+                    cov = token_covariance(all_logp, all_advantages, all_mask)  # (M, T')
+                    selected = kl_cov_select(cov, all_mask, args.kl_cov_ratio)  # (M, T')
+                    mb_selected, mb_cov = common.own_rows(selected, mb_mask), common.own_rows(cov, mb_mask)  # (m, T)
                     sums["selected"] += mb_selected.sum().item()
                     sums["selected_cov"] += mb_cov[mb_selected].sum().item()
                     sums["selected_entropy"] += entropy[mb][mb_selected].sum().item()

@@ -218,15 +218,15 @@ def prm_ce_loss(q, mask, acc, beta: float, total_seqs=None, weight=None):
 
 
 def pairwise_ranking_accuracy(seq_scores, acc, prompt_index) -> float:
-    """Share of the pairs (correct, wrong) within one group where the correct response has the higher score, pooled over
-    the processes; a tie counts one half; 0.5 when no group has such a pair. All (B,)."""
+    """Share of the pairs (correct, wrong) within one group where the correct response has the higher score; a tie
+    counts one half; 0.5 when no group has such a pair. All (B,)."""
     correct_over_wrong = (prompt_index[:, None] == prompt_index[None, :]) & (acc[:, None] > acc[None, :])  # (B, B)
-    pairs = common.all_sum(correct_over_wrong.sum())
+    pairs = correct_over_wrong.sum()
     if not pairs:
         return 0.5
     diff = seq_scores[:, None] - seq_scores[None, :]  # (B, B) score of row minus score of column
     wins = (diff > 0).float() + 0.5 * (diff == 0).float()
-    return (common.all_sum(wins[correct_over_wrong].sum()) / pairs).item()
+    return (wins[correct_over_wrong].sum() / pairs).item()
 
 
 def discounted_returns(rewards, mask, gamma: float):
@@ -241,10 +241,10 @@ def discounted_returns(rewards, mask, gamma: float):
 
 
 def normalise_process_rewards(rewards, mask, eps: float = 1e-6):
-    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum| over all processes, so that
-    every process return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
+    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum|, so that every process
+    return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
     returns = discounted_returns(rewards, mask, 1.0).abs()
-    scale = common.all_max(returns.max() if returns.numel() else returns.new_zeros(())) + eps  # a process may keep none
+    scale = (returns.max() if returns.numel() else returns.new_zeros(())) + eps  # an empty batch: eps
     return rewards * mask / scale, scale
 
 
@@ -259,7 +259,7 @@ def leave_one_out(scores, score_mask, prompt_index):
     With m_i the mean of row i over its masked positions and n the size of its group:
     scores * n / (n - 1) - sum_{j in group} m_j / (n - 1) at the masked positions, 0 elsewhere. For the outcome source
     (acc at the last token only) this is acc_i - mean_{j != i} acc_j: acc [1, 0, 0, 1] -> [2/3, -2/3, -2/3, 2/3]."""
-    n_groups = int(prompt_index.max()) + 1 if len(prompt_index) else 0  # a process may keep no response
+    n_groups = int(prompt_index.max()) + 1 if len(prompt_index) else 0  # an empty batch has no group
     sizes = torch.bincount(prompt_index, minlength=n_groups)  # (n_groups,)
     if (sizes[prompt_index] < 2).any():
         raise ValueError("leave-one-out baselines need at least 2 responses in every group")
@@ -270,11 +270,10 @@ def leave_one_out(scores, score_mask, prompt_index):
 
 
 def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch, all processes together (unbiased
-    variance); 0 at padding. (B, T)."""
-    n_tokens = common.all_sum(mask.sum())
-    mean = common.all_sum((x * mask).sum()) / n_tokens.clamp(min=1)
-    var = common.all_sum((((x - mean) * mask) ** 2).sum()) / (n_tokens - 1).clamp(min=1)
+    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch (unbiased variance); 0 at padding. (B, T)."""
+    n_tokens = mask.sum()
+    mean = (x * mask).sum() / n_tokens.clamp(min=1)
+    var = (((x - mean) * mask) ** 2).sum() / (n_tokens - 1).clamp(min=1)
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -439,11 +438,16 @@ if __name__ == "__main__":
                                                     args.temperature, **micro).logp
                 q_after = (prm_logp[: len(kept_rows)] - ref_logp[kept_rows]) * kept_mask
             q = q_before[kept_rows] if args.prm_update == "after" else q_after  # (K, T)
+            # every process's kept responses (K_all, ...), the same on every process: the PRM's ranking accuracy, the
+            # process-reward scale and the whitening are those of the whole batch
+            all_q, all_mask, all_acc = (common.gather_rows(x) for x in (q, kept_mask, kept_acc))  # (K_all, T'), (K_all,)
+            all_index = common.gather_rows(kept_index + rank * len(items))  # (K_all,) prompts of the global batch
+            seq_q_before, seq_q_after = (common.gather_rows(x.sum(-1)) for x in (q_before[kept_rows], q_after))
             prime_metrics.update({
                 "losses/prm_loss": prm_sums["loss"] / n_mini_batches,
                 "losses/prm_grad_norm": prm_sums["grad_norm"] / max(1, prm_sums["applied_steps"]),
-                "charts/prm_acc_before": pairwise_ranking_accuracy(q_before[kept_rows].sum(-1), kept_acc, kept_index),
-                "charts/prm_acc_after": pairwise_ranking_accuracy(q_after.sum(-1), kept_acc, kept_index),
+                "charts/prm_acc_before": pairwise_ranking_accuracy(seq_q_before, all_acc, all_index),
+                "charts/prm_acc_after": pairwise_ranking_accuracy(seq_q_after, all_acc, all_index),
                 "charts/prm_q_sum_mean": (common.all_sum(q.sum(-1).sum()) / n_kept).item(),
             })
         prime_metrics["time/prm"] = time.time() - prm_start
@@ -451,8 +455,9 @@ if __name__ == "__main__":
         # ALGO LOGIC: advantages (leave-one-out per reward source, summed, returns, whitened over the kept tokens)
         advantages = torch.zeros_like(mask)  # (B, T); the filtered-out responses keep A = 0
         if n_mini_batches:
-            kept_advantages, process_scale = prime_advantages(q, kept_mask, kept_acc, kept_index, args.prm_beta, args.gamma)
-            advantages[kept_rows] = kept_advantages
+            all_advantages, process_scale = prime_advantages(all_q, all_mask, all_acc, all_index, args.prm_beta,
+                                                             args.gamma)  # (K_all, T')
+            advantages[kept_rows] = common.own_rows(all_advantages, q)  # this process's (K, T)
             prime_metrics["charts/process_reward_scale"] = process_scale.item()
 
         # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps over the kept responses, micro-batched)

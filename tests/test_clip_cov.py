@@ -135,15 +135,22 @@ def _dyadic_batch():
 
 
 def _covariance_and_selection(logp, advantages, mask, ppo_clipped, configs):
-    """token_covariance and clip_cov_select on this process's half of the rows (all rows in a single process); the
+    """token_covariance and clip_cov_select as clip_cov.py calls them: on every process's rows (common.gather_rows),
+    keeping this process's (common.own_rows). Each process holds half of the rows (all in a single process); the
     second process's half gets two more padding columns, as a rollout with longer responses would."""
     if common.world_size() > 1:
         rows, pad = slice(4 * common.rank(), 4 * common.rank() + 4), (0, 2 * common.rank())
         logp, advantages, mask = (torch.nn.functional.pad(x[rows], pad) for x in (logp, advantages, mask))
         ppo_clipped = torch.nn.functional.pad(ppo_clipped[rows], pad)
-    cov = clip_cov.token_covariance(logp, advantages, mask)
-    return [(cov, *clip_cov.clip_cov_select(cov, mask, ppo_clipped, ratio, 0.1, 3.0, torch.Generator().manual_seed(seed)))
-            for ratio, seed in configs]
+    all_logp, all_advantages, all_mask, all_clipped = (common.gather_rows(x) for x in (logp, advantages, mask,
+                                                                                        ppo_clipped.long()))
+    cov = clip_cov.token_covariance(all_logp, all_advantages, all_mask)
+    results = []
+    for ratio, seed in configs:
+        selected, n_candidates = clip_cov.clip_cov_select(cov, all_mask, all_clipped.bool(), ratio, 0.1, 3.0,
+                                                          torch.Generator().manual_seed(seed))
+        results.append((common.own_rows(cov, mask), common.own_rows(selected, mask), n_candidates))
+    return results
 
 
 def test_two_processes_on_the_halves_select_what_one_process_selects_on_the_whole_batch():

@@ -207,7 +207,8 @@ def _rehearsal_step(micro_batch_tokens):
     rehearsal.logp0 = (rehearsal.logp0 + 0.3 * noise) * rehearsal.mask
     rows = torch.tensor(common.shard([4, 0, 2, 2, 1, 3]))
     sums = {"rehearsal_loss": 0.0, "rehearsal_u": 0.0, "rehearsal_tokens": 0.0}
-    dph.rehearsal_backward(model, rehearsal, rows, args, sums)
+    total_tokens = common.all_sum(rehearsal.mask[rows].sum())  # the whole batch's, as dph_rl.py's step
+    dph.rehearsal_backward(model, rehearsal, rows, total_tokens, common.world_size(), args, sums)
     grad = torch.cat([p.grad.flatten() for p in model.parameters()])
     return sums["rehearsal_loss"], common.all_sum(grad) / common.world_size()
 

@@ -118,12 +118,15 @@ def _dyadic_batch():
 
 
 def _covariance_and_selection(logp, advantages, mask, ratios):
-    """token_covariance and kl_cov_select on this process's half of the rows (all rows in a single process)."""
+    """token_covariance and kl_cov_select as kl_cov.py calls them: on every process's rows (common.gather_rows),
+    keeping this process's (common.own_rows). Each process holds half of the rows (all in a single process)."""
     if common.world_size() > 1:
         rows = slice(4 * common.rank(), 4 * common.rank() + 4)
         logp, advantages, mask = logp[rows], advantages[rows], mask[rows]
-    cov = kl_cov.token_covariance(logp, advantages, mask)
-    return [(cov, kl_cov.kl_cov_select(cov, mask, ratio)) for ratio in ratios]
+    all_logp, all_advantages, all_mask = (common.gather_rows(x) for x in (logp, advantages, mask))
+    cov = kl_cov.token_covariance(all_logp, all_advantages, all_mask)
+    return [(common.own_rows(cov, mask), common.own_rows(kl_cov.kl_cov_select(cov, all_mask, ratio), mask))
+            for ratio in ratios]
 
 
 def test_two_processes_on_the_halves_select_what_one_process_selects_on_the_whole_batch():

@@ -197,10 +197,13 @@ def prime_step(rewards, fsdp: bool, micro_batch_tokens: int):
     with torch.no_grad():
         q = (common.response_logprobs(prm, input_ids[padded], attention_mask[padded], T).logp[: len(kept)]
              - ref_logp[kept]) * mask[kept]
-    prm_acc = prime.pairwise_ranking_accuracy(q.sum(-1), acc[kept], index[kept])
-    kept_advantages, scale = prime.prime_advantages(q, mask[kept], acc[kept], index[kept], 0.5, 1.0)
+    # as prime.py: on every process's kept rows, each process keeping its own advantages
+    all_q, all_mask, all_acc = (common.gather_rows(x) for x in (q, mask[kept], acc[kept]))
+    all_index = common.gather_rows(index[kept] + common.rank() * (2 // world))  # prompts of the global batch
+    prm_acc = prime.pairwise_ranking_accuracy(common.gather_rows(q.sum(-1)), all_acc, all_index)
+    all_advantages, scale = prime.prime_advantages(all_q, all_mask, all_acc, all_index, 0.5, 1.0)
     advantages = torch.zeros_like(mask)
-    advantages[kept] = kept_advantages
+    advantages[kept] = common.own_rows(all_advantages, q)
     for part_rows, weights in common.mini_batch_parts(kept, 3, seed=0):
         train_mask = mask[part_rows] * weights[:, None]
         mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())
