@@ -342,9 +342,11 @@ if __name__ == "__main__":
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
         raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+    common.seed_everything(args.seed + rank, args.torch_deterministic)
+
+    # ALGO LOGIC: every process takes an equal share of each rehearsal batch
     if args.divergence != "reverse-kl" and args.rehearsal_batch_size % world_size:
         raise common.UserInputError(f"rehearsal_batch_size must be a multiple of {world_size} processes")
-    common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
@@ -401,6 +403,7 @@ if __name__ == "__main__":
         print(f"rehearsal set: {args.rehearsal_prompts} prompts, {len(rehearsal_responses)} responses; "
               f"exploration set: {args.exploration_prompts} prompts")
 
+    # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
@@ -424,12 +427,15 @@ if __name__ == "__main__":
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
                                            with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
-            # ALGO LOGIC: reference log-probs for the KL term
-            ref_logp = None
-            if ref_model is not None:
-                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                    args.temperature, **micro).logp
         time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: reference log-probs for the KL term
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                    args.temperature, **micro).logp  # (B, T)
+            time_logprobs = time.time() - logprob_start  # the reference pass counts as log-prob time too
 
         # ALGO LOGIC: advantages
         seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, scale_rewards=True)  # (B,), (n_groups,)
@@ -481,7 +487,7 @@ if __name__ == "__main__":
         common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens", "rehearsal_u", "rehearsal_tokens")
         time_train = time.time() - train_start
 
-        # TRY NOT TO MODIFY: logging
+        # TRY NOT TO MODIFY: metrics
         with torch.no_grad():
             centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
             centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
@@ -508,14 +514,17 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
+
+        # ALGO LOGIC: method metrics
         if ref_model is not None:
             metrics["losses/kl"] = sums["kl"] / sums["tokens"]
-        # ALGO LOGIC: method metrics
         metrics["charts/rehearsal_prompts"] = args.rehearsal_prompts
         metrics["charts/exploration_prompts"] = args.exploration_prompts
         if rehearsal is not None:
             metrics["losses/rehearsal_loss"] = sums["rehearsal_loss"] / sums["optimizer_steps"]
             metrics["losses/rehearsal_u_mean"] = sums["rehearsal_u"] / sums["rehearsal_tokens"]
+
+        # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
@@ -523,10 +532,14 @@ if __name__ == "__main__":
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
+
+        # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+        # ALGO LOGIC: checkpoint; with the pool's split, the stored successes and their order
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
                                                           "exploration_items": sampler.items,
@@ -535,6 +548,7 @@ if __name__ == "__main__":
                                                           "rehearsal_order": rehearsal_order and rehearsal_order.state_dict()},
                                    models={"policy": (policy, optimizer)})
 
+    # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
         common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()

@@ -271,6 +271,7 @@ if __name__ == "__main__":
         ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
         ref_model.eval().requires_grad_(False)
 
+    # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
@@ -294,12 +295,15 @@ if __name__ == "__main__":
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
                                            with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
-            # ALGO LOGIC: reference log-probs for the KL term
-            ref_logp = None
-            if ref_model is not None:
-                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                    args.temperature, **micro).logp
         time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: reference log-probs for the KL term
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                    args.temperature, **micro).logp  # (B, T)
+            time_logprobs = time.time() - logprob_start  # the reference pass counts as log-prob time too
 
         # ALGO LOGIC: rewards from the sampling policy alone (the verifier's `rewards` above are only logged as accuracy)
         em_rewards = self_certainty_rewards(old_logp, entropy, mask, args.reward_type, args.reward_norm)  # (B,)
@@ -361,14 +365,14 @@ if __name__ == "__main__":
         common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens")  # global token means
         time_train = time.time() - train_start
 
-        # TRY NOT TO MODIFY: logging
+        # TRY NOT TO MODIFY: metrics
         with torch.no_grad():
             centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
             centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
             cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
         time_step = time.time() - step_start
         metrics = {
-            "charts/reward_mean": em_rewards.mean().item(),
+            "charts/reward_mean": rewards.mean().item(),
             "charts/accuracy": rewards.mean().item(),
             "charts/unparseable_frac": sum(not parsed for _, parsed in verdicts) / len(verdicts),
             "charts/response_length_mean": mask.sum(-1).mean().item(),
@@ -388,13 +392,18 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
+
+        # ALGO LOGIC: method metrics: charts/reward_mean is the self-certainty reward trained on (charts/accuracy stays
+        # the verifier's); both reward types whatever is trained on, and the size of the learning signal
+        metrics["charts/reward_mean"] = em_rewards.mean().item()
         if ref_model is not None:
             metrics["losses/kl"] = sums["kl"] / sums["tokens"]
-        # ALGO LOGIC: method metrics (both reward types whatever is trained on, and the size of the learning signal)
         for reward_type in ("token", "sequence"):
             type_rewards = self_certainty_rewards(old_logp, entropy, mask, reward_type, "mean")  # (B,)
             metrics[f"charts/em_{reward_type}_reward"] = type_rewards.mean().item()
         metrics["charts/em_advantage_abs_mean"] = seq_advantages.abs().mean().item()
+
+        # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
@@ -402,14 +411,19 @@ if __name__ == "__main__":
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
+
+        # ALGO LOGIC: a few sampled completions; with the self-certainty reward trained on and the verifier's
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
                                            "reward": em_rewards[b].item(), "correct": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+        # TRY NOT TO MODIFY: checkpoint
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
                                    models={"policy": (policy, optimizer)})
 
+    # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
         common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()

@@ -247,6 +247,7 @@ if __name__ == "__main__":
         ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
         ref_model.eval().requires_grad_(False)
 
+    # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
@@ -270,12 +271,15 @@ if __name__ == "__main__":
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
                                            with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
-            # ALGO LOGIC: reference log-probs for the KL term
-            ref_logp = None
-            if ref_model is not None:
-                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                    args.temperature, **micro).logp
         time_logprobs = time.time() - logprob_start
+
+        # ALGO LOGIC: reference log-probs for the KL term
+        ref_logp = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
+                                                    args.temperature, **micro).logp  # (B, T)
+            time_logprobs = time.time() - logprob_start  # the reference pass counts as log-prob time too
 
         # ALGO LOGIC: advantages
         seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, args.scale_rewards)  # (B,), (n_groups,)
@@ -323,7 +327,7 @@ if __name__ == "__main__":
         common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens")  # global token means
         time_train = time.time() - train_start
 
-        # TRY NOT TO MODIFY: logging
+        # TRY NOT TO MODIFY: metrics
         with torch.no_grad():
             centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
             centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
@@ -350,8 +354,12 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
+
+        # ALGO LOGIC: method metrics
         if ref_model is not None:
             metrics["losses/kl"] = sums["kl"] / sums["tokens"]
+
+        # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
@@ -359,14 +367,19 @@ if __name__ == "__main__":
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
+
+        # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+        # TRY NOT TO MODIFY: checkpoint
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
                                    models={"policy": (policy, optimizer)})
 
+    # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
         common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()

@@ -261,9 +261,12 @@ if __name__ == "__main__":
     micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
+
+    # ALGO LOGIC: the penalty acts from the second optimizer step on a rollout
     if args.num_mini_batches * args.num_epochs == 1:
         print("note: one optimizer step per rollout keeps the KL-Cov penalty at zero (plain policy gradient)")
 
+    # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
@@ -354,7 +357,7 @@ if __name__ == "__main__":
         common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")  # global token means
         time_train = time.time() - train_start
 
-        # TRY NOT TO MODIFY: logging
+        # TRY NOT TO MODIFY: metrics
         with torch.no_grad():
             centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
             centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
@@ -381,6 +384,7 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
+
         # ALGO LOGIC: KL-Cov metrics (count per optimizer step over the whole mini-batch, all processes; means over the
         # selected tokens)
         n_selected, selected_cov, selected_entropy, penalty_sum = common.all_sum(torch.tensor(
@@ -390,6 +394,8 @@ if __name__ == "__main__":
         metrics["losses/clip_cov_selected_cov"] = selected_cov / n_selected
         metrics["losses/clip_cov_selected_entropy"] = selected_entropy / n_selected
         metrics["losses/kl_cov_penalty"] = penalty_sum / n_selected
+
+        # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
@@ -397,14 +403,19 @@ if __name__ == "__main__":
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
+
+        # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+        # TRY NOT TO MODIFY: checkpoint
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
                                    models={"policy": (policy, optimizer)})
 
+    # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
         common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()

@@ -324,7 +324,8 @@ if __name__ == "__main__":
         raise common.UserInputError("need 0 <= acc_low <= acc_high <= 1, prm_beta > 0 and 0 <= gamma <= 1")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    # ALGO LOGIC: processes (torchrun) and seeding; as grpo.py's, but PRIME's mini-batches are cut from the
+    # kept responses, of no fixed size: only the prompts must split evenly over the processes
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size:
         raise common.UserInputError(f"prompts_per_step must be a multiple of {world_size} processes")
@@ -365,6 +366,7 @@ if __name__ == "__main__":
         common.load_models(checkpoint, {"prm": (prm, prm_optimizer)})
         empty_steps = checkpoint["empty_steps"]
 
+    # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
@@ -499,7 +501,7 @@ if __name__ == "__main__":
         common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")  # global token means
         time_train = time.time() - train_start
 
-        # TRY NOT TO MODIFY: logging
+        # TRY NOT TO MODIFY: metrics
         with torch.no_grad():
             centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
             centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
@@ -526,7 +528,11 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
+
+        # ALGO LOGIC: method metrics
         metrics.update(prime_metrics)
+
+        # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
@@ -534,15 +540,20 @@ if __name__ == "__main__":
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
+
+        # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+        # ALGO LOGIC: checkpoint; with the PRM and the count of empty steps
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
                                                           "empty_steps": empty_steps},
                                    models={"policy": (policy, optimizer), "prm": (prm, prm_optimizer)})
 
+    # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
         common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()

@@ -219,6 +219,7 @@ if __name__ == "__main__":
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
+    # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
         logger.log(0, metrics)
@@ -236,14 +237,13 @@ if __name__ == "__main__":
         response_len = ro.response_ids.shape[1]
         time_generate = time.time() - step_start
 
-        # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
+        # ALGO LOGIC: log-probs of the sampling policy, frozen for the whole rollout; and from the same pass its
+        # vocabulary mean M_old
         logprob_start = time.time()
         with torch.no_grad():
             old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
                                            with_entropy=True, with_vocab_mean=True, **micro)
-            old_logp, entropy = old.logp, old.entropy  # (B, T) each
-            # ALGO LOGIC: the sampling policy's vocabulary mean M_old, from the same pass as old_logp
-            old_vocab_mean = old.vocab_mean  # (B, T)
+            old_logp, entropy, old_vocab_mean = old.logp, old.entropy, old.vocab_mean  # (B, T) each
         time_logprobs = time.time() - logprob_start
 
         # ALGO LOGIC: group-centred rewards (r - mean_g r, or divided by the group std with --std-norm)
@@ -289,7 +289,7 @@ if __name__ == "__main__":
         common.sum_over_processes(sums, "approx_kl", "clipfrac", "q", "next_value", "tokens")  # global token means
         time_train = time.time() - train_start
 
-        # TRY NOT TO MODIFY: logging
+        # TRY NOT TO MODIFY: metrics
         with torch.no_grad():
             centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
             centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
@@ -316,10 +316,13 @@ if __name__ == "__main__":
             "time/train": time_train,
             "time/step": time_step,
         }
+
         # ALGO LOGIC: method metrics (ROVER has no clipping: losses/clipfrac above stays 0)
         metrics["losses/q_loss"] = metrics["losses/policy_loss"]
         metrics["losses/q_mean"] = sums["q"] / sums["tokens"]
         metrics["losses/next_value_mean"] = sums["next_value"] / sums["tokens"]
+
+        # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
@@ -327,14 +330,19 @@ if __name__ == "__main__":
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
+
+        # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
             logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
                                            "reward": rewards[b].item()}
                                           for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+
+        # TRY NOT TO MODIFY: checkpoint
         if args.checkpoint_every and step % args.checkpoint_every == 0:
             common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
                                    models={"policy": (policy, optimizer)})
 
+    # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
         common.save_pretrained(policy, tokenizer, logger.run_dir / "model", args.save_dtype)
     logger.close()
