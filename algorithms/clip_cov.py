@@ -81,21 +81,21 @@ class Args:
     save_model: bool = False
     """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
     save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """dtype of the --save-model weights (auto: bfloat16 when training ran with --bf16 on a GPU, else float32)"""
+    """dtype of --save-model weights (auto: bfloat16 after --bf16 training on a GPU, else fp32)"""
     log_completions_every: int = 50
     """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
     checkpoint_every: int = 50
-    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    """save what it takes to continue exactly (over the last) every this many steps (0: never)"""
     resume: str = ""
-    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+    """a run folder to continue from its last checkpoint and flags (only --num-steps may change)"""
 
     # Model & data
     model_name: str = common.EMBEDDED_MODEL
-    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    """local folder or hub id of the base model (default: the tiny model shipped in the repo)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
+    """common.TASKS: countdown (step answers), countdown-expr (an expression), arith, gsm8k, math"""
     dataset: str = ""
-    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
     temperature: float = 1.0
@@ -105,7 +105,7 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate every this many steps, and before the first and after the last (0: only those two)"""
+    """evaluate every this many steps, and before the first and after the last (0: only these)"""
     eval_prompts: int = 512
     """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
     eval_split: Literal["test", "val"] = "test"
@@ -113,19 +113,19 @@ class Args:
     eval_samples: int = 8
     """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before and after training (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
-    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    """on a GPU, bfloat16 autocast (weights, gradients and AdamW stay fp32); CPUs run fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
+    """token budget per forward pass: rows x (longest prompt + longest response) <= it (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
-    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    """generation: HF generate (dynamic KV cache), static-cache generate, or continuous batching"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
+    """under torchrun: FSDP2-shard weights, gradients, optimizer state (default: DDP, full copy)"""
 
     # Algorithm specific
     num_steps: int = 200
@@ -137,17 +137,17 @@ class Args:
     learning_rate: float = 1e-4
     """AdamW learning rate (constant)"""
     num_mini_batches: int = 1
-    """optimizer steps per epoch over a rollout; the Clip-Cov selection is made per mini-batch (paper recipe: 8)"""
+    """optimizer steps per epoch over a rollout; Clip-Cov selects per mini-batch (paper: 8)"""
     num_epochs: int = 1
     """passes over each rollout"""
     micro_batch_size: int = 64
     """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
     clip_eps_low: float = 1.0
-    """PPO clip range below 1 (Clip-Cov keeps the PPO clamp only as a guard: 1.0, the paper's value)"""
+    """PPO clip range below 1 (only a guard against extreme ratios here: 1.0, the paper's value)"""
     clip_eps_high: float = 1.0
     """PPO clip range above 1 (1.0, the paper's value)"""
     clip_cov_ratio: float = 0.02
-    """share r of the mini-batch's valid tokens whose gradient is cut: k = max(int(r N), 1) (paper: 2e-4)"""
+    """share r of a mini-batch's N valid tokens to cut: k = max(int(r N), 1) (paper: 2e-4)"""
     clip_cov_lb: float = 1.0
     """lower bound w_low of the covariance of a candidate token, exclusive (paper: 1.0)"""
     clip_cov_ub: float = 5.0
@@ -155,7 +155,7 @@ class Args:
     scale_rewards: bool = True
     """divide group-centred rewards by the group std (--no-scale-rewards for Dr. GRPO)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """loss aggregation: token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    """token-mean (DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold"""
 
@@ -166,15 +166,17 @@ class Args:
     """responses per optimizer step (batch_size // num_mini_batches)"""
 
 
-def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool, eps: float = 1e-6):
-    """Group-relative advantage per response. rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)).
+def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rewards: bool,
+                    eps: float = 1e-6):
+    """Group-relative advantage per response. rewards, prompt_index: (B,).
+    Returns (advantages (B,), zero_std (n_groups,)).
 
     Example: rewards [1, 0, 0, 0] in one group -> [1.5, -0.5, -0.5, -0.5] (unbiased std 0.5), or
     [0.75, -0.25, -0.25, -0.25] without scaling."""
     n_groups = int(prompt_index.max()) + 1
     counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
-    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
-    centred = rewards - means[prompt_index]
+    means = rewards.new_zeros(n_groups).index_add_(0, prompt_index, rewards) / counts  # (n_groups,)
+    centred = rewards - means[prompt_index]  # (B,)
     sq = torch.zeros_like(means).index_add_(0, prompt_index, centred**2)
     stds = (sq / (counts - 1).clamp(min=1)).sqrt()  # unbiased
     advantages = centred / (stds[prompt_index] + eps) if scale_rewards else centred
@@ -182,8 +184,8 @@ def grpo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor, scale_rew
 
 
 def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
-    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
-    clipped term is the active (larger) one."""
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped
+    marks the tokens whose clipped term is the active (larger) one."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
@@ -191,18 +193,21 @@ def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
 
 
 def token_covariance(logp, advantages, mask):
-    """Per-token covariance term cov_i = (A_i - mean A)(logp_i - mean logp) from detached tensors, all (B, T); the
-    means are over the valid tokens only and padding gets 0. Its mean over the valid tokens is the batch covariance."""
+    """Per-token covariance term cov_i = (A_i - mean A)(logp_i - mean logp) from detached tensors,
+    all (B, T); the means are over the valid tokens only and padding gets 0. Its mean over the valid
+    tokens is the batch covariance."""
     logp, advantages = logp.detach(), advantages.detach()
     centred_adv = advantages - common.masked_mean(advantages, mask)
     centred_logp = logp - common.masked_mean(logp, mask)
     return centred_adv * centred_logp * mask
 
 
-def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_high: float, generator=None):
-    """Tokens whose gradient Clip-Cov cuts: k = max(int(ratio * N), 1) drawn uniformly at random (not top-k) from the
-    candidates (valid, not PPO-clipped, cov_low < cov < cov_high), or all candidates when fewer. cov, mask,
-    ppo_clipped: (B, T). Returns (selected (B, T) bool, number of candidates)."""
+def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_high: float,
+                    generator=None):
+    """Tokens whose gradient Clip-Cov cuts: k = max(int(ratio * N), 1) drawn uniformly at random
+    (not top-k) from the candidates (valid, not PPO-clipped, cov_low < cov < cov_high), or all
+    candidates when fewer. cov, mask, ppo_clipped: (B, T).
+    Returns (selected (B, T) bool, number of candidates)."""
     valid = mask.bool()
     candidates = valid & ~ppo_clipped & (cov > cov_low) & (cov < cov_high)
     k = max(int(ratio * int(valid.sum())), 1)
@@ -214,22 +219,25 @@ def clip_cov_select(cov, mask, ppo_clipped, ratio: float, cov_low: float, cov_hi
 
 
 def clip_cov_loss(logp, old_logp, advantages, selected, eps_low: float, eps_high: float):
-    """PPO token loss with the selected tokens' loss (and so their gradient) set to exactly 0. All (B, T).
-    Returns (loss, ratio, clipped) like ppo_clip_loss."""
+    """PPO token loss with the selected tokens' loss (and so their gradient) set to exactly 0.
+    All (B, T). Returns (loss, ratio, clipped) like ppo_clip_loss."""
     loss, ratio, clipped = ppo_clip_loss(logp, old_logp, advantages, eps_low, eps_high)
     return torch.where(selected, torch.zeros_like(loss), loss), ratio, clipped
 
 
-def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
-    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
-    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
-    mini-batch loss exactly. Defaults: this batch is the whole step."""
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None,
+                   max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the
+    whole optimizer step (the mini-batch) when this call sees one micro-batch of it; summing the
+    calls over the micro-batches then gives the mini-batch loss exactly. Defaults: this batch is the
+    whole step."""
     total_tokens = mask.sum() if total_tokens is None else total_tokens
     total_seqs = mask.shape[0] if total_seqs is None else total_seqs
     if mode == "token-mean":
         return (token_loss * mask).sum() / total_tokens
     if mode == "seq-mean-token-mean":
-        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+        seq_means = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (b,)
+        return seq_means.sum() / total_seqs
     if mode == "seq-mean-token-sum-norm":
         max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
         return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
@@ -238,27 +246,33 @@ def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=No
 
 if __name__ == "__main__":
     args = common.resume_config(tyro.cli(Args), Args)
-    common.check_shared_args(args)  # every flag in range (exit 2) before any model loads; the task's response length
+    # every flag in range (else exit 2) before a model loads; fills in the task's max_new_tokens
+    common.check_shared_args(args)
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
     if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
-        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing prompts_per_step * group_size")
+        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing "
+                                    "prompts_per_step * group_size")
     if not 0 < args.clip_cov_ratio <= 1 or args.clip_cov_lb >= args.clip_cov_ub:
         raise common.UserInputError("need 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed,
+    # all draw the same prompts
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
-        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+        raise common.UserInputError("prompts_per_step and the mini-batch size must be multiples of "
+                                    f"{world_size} processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
+                                                        args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
+    train_items = task.train_items()
+    eval_items = task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard(optimizer)  # also checks the weights after each step
     start_step = 1
@@ -268,15 +282,17 @@ if __name__ == "__main__":
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
-                       backend=args.rollout)
-    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                       top_p=args.top_p, top_k=args.top_k, backend=args.rollout)
+    # memory bounds of the no-grad passes
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
     # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples,
+                                  **eval_kwargs)
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -284,73 +300,86 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: rollout and rewards
         items = common.shard(sampler.next_batch())  # this process's prompts
-        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
-        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        prompts = [task.prompt(item) for item in items]
+        ro = common.rollout(policy, tokenizer, prompts, args.group_size, args.max_new_tokens,
+                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
+        response_items = [items[i] for i in ro.prompt_index.tolist()]  # each response's prompt item
+        verdicts = [task.verify(item, text) for item, text in zip(response_items, ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
-        response_len = ro.response_ids.shape[1]
+        response_len = ro.response_ids.shape[1]  # T
         time_generate = time.time() - step_start
 
         # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
         logprob_start = time.time()
         with torch.no_grad():
-            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, **micro)
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len,
+                                           args.temperature, with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
         time_logprobs = time.time() - logprob_start
 
         # ALGO LOGIC: advantages
-        seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, args.scale_rewards)  # (B,), (n_groups,)
+        seq_advantages, zero_std = grpo_advantages(rewards, ro.prompt_index, args.scale_rewards)
         advantages = seq_advantages[:, None] * mask  # (B, T)
 
-        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps,
+        # micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
         rows = torch.arange(len(rewards), device=device)  # this process's responses
         policy.train()
         for epoch in range(args.num_epochs):
-            # one shuffle of the global batch, the same on every process; each process trains on its rows of each
-            # mini-batch (fillers of weight 0 even out the processes' shares)
-            parts = common.mini_batch_parts(rows, args.num_mini_batches, hash((args.seed, step, epoch)))
+            # one shuffle of the global batch, the same on every process; each process trains on its
+            # rows of each mini-batch (fillers of weight 0 even out the processes' shares)
+            shuffle_seed = hash((args.seed, step, epoch))
+            parts = common.mini_batch_parts(rows, args.num_mini_batches, shuffle_seed)
             for k, (mb, weights) in enumerate(parts):
                 mb_mask = mask[mb] * weights[:, None]  # (m, T); a filler has no token
-                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, over all processes
-                micro_batches = common.micro_batches(torch.arange(len(mb), device=device), ro.widths[mb],
-                                                     args.micro_batch_size, args.micro_batch_tokens)  # into mb
-                # the selection sees the whole mini-batch: a no-grad pass of the current policy, micro-batch by
-                # micro-batch so that its log-probs equal the gradient pass's exactly
+                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, all processes
+                positions = torch.arange(len(mb), device=device)  # into mb
+                micro_batches = common.micro_batches(positions, ro.widths[mb],
+                                                     args.micro_batch_size, args.micro_batch_tokens)
+                # the selection sees the whole mini-batch: a no-grad pass of the current policy,
+                # micro-batch by micro-batch so that its log-probs equal the gradient pass's exactly
                 with torch.no_grad():
                     mb_logp = torch.zeros_like(mb_mask)  # (m, T)
                     for part in micro_batches:
-                        mb_logp[part] = common.response_logprobs(policy, ro.input_ids[mb[part]],
-                                                                 ro.attention_mask[mb[part]], response_len,
-                                                                 args.temperature).logp
-                    # every process's rows of the mini-batch (M, T'), the same on every process, so that the means,
-                    # N, the candidates and the draw are those of the whole mini-batch
-                    all_logp, all_old_logp, all_advantages, all_mask = (
-                        common.gather_rows(x) for x in (mb_logp, old_logp[mb], advantages[mb], mb_mask))
-                    _, _, ppo_clipped = ppo_clip_loss(all_logp, all_old_logp, all_advantages, args.clip_eps_low,
+                        idx = mb[part]
+                        mb_logp[part] = common.response_logprobs(
+                            policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                            args.temperature).logp
+                    # every process's rows of the mini-batch, (m, T) each to (M, T'), the same on
+                    # all processes: the means, N, candidates and draw are the whole mini-batch's
+                    mb_tensors = (mb_logp, old_logp[mb], advantages[mb], mb_mask)
+                    all_logp, all_old, all_adv, all_mask = map(common.gather_rows, mb_tensors)
+                    _, _, ppo_clipped = ppo_clip_loss(all_logp, all_old, all_adv, args.clip_eps_low,
                                                       args.clip_eps_high)
-                    cov = token_covariance(all_logp, all_advantages, all_mask)  # (M, T')
-                    draws = torch.Generator().manual_seed(hash((args.seed, step, epoch, k)))  # the same on every process
-                    selected, n_candidates = clip_cov_select(cov, all_mask, ppo_clipped, args.clip_cov_ratio,
-                                                             args.clip_cov_lb, args.clip_cov_ub, draws)  # (M, T')
-                    mb_selected, mb_cov = common.own_rows(selected, mb_mask), common.own_rows(cov, mb_mask)  # (m, T)
+                    cov = token_covariance(all_logp, all_adv, all_mask)  # (M, T')
+                    # the same draws on every process
+                    draws = torch.Generator().manual_seed(hash((args.seed, step, epoch, k)))
+                    selected, n_candidates = clip_cov_select(cov, all_mask, ppo_clipped,
+                                                             args.clip_cov_ratio, args.clip_cov_lb,
+                                                             args.clip_cov_ub, draws)  # (M, T')
+                    mb_selected = common.own_rows(selected, mb_mask)  # (m, T), this process's rows
+                    mb_cov = common.own_rows(cov, mb_mask)  # (m, T)
                     sums["candidates"] += n_candidates
                     sums["selected"] += mb_selected.sum().item()
                     sums["selected_cov"] += mb_cov[mb_selected].sum().item()
                     sums["selected_entropy"] += entropy[mb][mb_selected].sum().item()
                 optimizer.zero_grad()
                 for part in micro_batches:
-                    idx, idx_mask = mb[part], mb_mask[part]
-                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                    idx, idx_mask = mb[part], mb_mask[part]  # (b,), (b, T)
+                    logp = common.response_logprobs(policy, ro.input_ids[idx],
+                                                    ro.attention_mask[idx], response_len,
                                                     args.temperature).logp  # (b, T)
-                    token_loss, ratio, clipped = clip_cov_loss(logp, old_logp[idx], advantages[idx], mb_selected[part],
-                                                               args.clip_eps_low, args.clip_eps_high)
-                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
-                    loss = world_size * aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens,
-                                                       args.mini_batch_size, args.max_new_tokens)
+                    token_loss, ratio, clipped = clip_cov_loss(logp, old_logp[idx], advantages[idx],
+                                                               mb_selected[part], args.clip_eps_low,
+                                                               args.clip_eps_high)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP
+                    # average gradients
+                    mb_loss = aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens,
+                                             args.mini_batch_size, args.max_new_tokens)
+                    loss = world_size * mb_loss
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -364,14 +393,17 @@ if __name__ == "__main__":
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
-        common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")  # global token means
+        # global token means
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: metrics
-        with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
+        with torch.no_grad():  # the covariance of old log-probs and advantages, over all processes
+            mean_logp = common.masked_mean(old_logp, mask, all_processes=True)
+            mean_adv = common.masked_mean(advantages, mask, all_processes=True)
+            centred_logp = (old_logp - mean_logp) * mask
+            centred_adv = (advantages - mean_adv) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -395,35 +427,39 @@ if __name__ == "__main__":
             "time/step": time_step,
         }
 
-        # ALGO LOGIC: Clip-Cov metrics (counts per optimizer step over the whole mini-batch, all processes; means over
-        # the selected tokens when there are any)
-        n_selected, selected_cov, selected_entropy = common.all_sum(torch.tensor(
-            [sums["selected"], sums["selected_cov"], sums["selected_entropy"]], dtype=torch.float64, device=device)).tolist()
+        # ALGO LOGIC: Clip-Cov metrics (counts per optimizer step over the whole mini-batch, all
+        # processes; means over the selected tokens when there are any)
+        common.sum_over_processes(sums, "selected", "selected_cov", "selected_entropy")
+        n_selected = sums["selected"]
         metrics["losses/clip_cov_candidates"] = sums["candidates"] / sums["optimizer_steps"]
         metrics["losses/clip_cov_selected"] = n_selected / sums["optimizer_steps"]
         if n_selected:
-            metrics["losses/clip_cov_selected_cov"] = selected_cov / n_selected
-            metrics["losses/clip_cov_selected_entropy"] = selected_entropy / n_selected
+            metrics["losses/clip_cov_selected_cov"] = sums["selected_cov"] / n_selected
+            metrics["losses/clip_cov_selected_entropy"] = sums["selected_entropy"] / n_selected
 
         # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
-        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
-        if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
+        last_step = step == args.num_steps
+        if args.eval_every and step % args.eval_every == 0 and not last_step:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples,
+                                           **eval_kwargs))
+        if last_step:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items,
+                                           args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
 
         # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
-            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
-                                           "reward": rewards[b].item()}
-                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+            samples = [{"prompt": prompts[i], "response": ro.texts[b], "reward": rewards[b].item()}
+                       for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])]
+            logger.log_completions(step, samples)
 
         # TRY NOT TO MODIFY: checkpoint
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
-                                   models={"policy": (policy, optimizer)})
+            state = {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped}
+            models = {"policy": (policy, optimizer)}
+            common.save_checkpoint(logger.run_dir, step, state, models=models)
 
     # TRY NOT TO MODIFY: the trained policy
     if args.save_model:

@@ -83,21 +83,21 @@ class Args:
     save_model: bool = False
     """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
     save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """dtype of the --save-model weights (auto: bfloat16 when training ran with --bf16 on a GPU, else float32)"""
+    """dtype of --save-model weights (auto: bfloat16 after --bf16 training on a GPU, else fp32)"""
     log_completions_every: int = 50
     """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
     checkpoint_every: int = 50
-    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    """save what it takes to continue exactly (over the last) every this many steps (0: never)"""
     resume: str = ""
-    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+    """a run folder to continue from its last checkpoint and flags (only --num-steps may change)"""
 
     # Model & data
     model_name: str = common.EMBEDDED_MODEL
-    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    """local folder or hub id of the base model (default: the tiny model shipped in the repo)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
+    """common.TASKS: countdown (step answers), countdown-expr (an expression), arith, gsm8k, math"""
     dataset: str = ""
-    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
     temperature: float = 1.0
@@ -107,7 +107,7 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate every this many steps, and before the first and after the last (0: only those two)"""
+    """evaluate every this many steps, and before the first and after the last (0: only these)"""
     eval_prompts: int = 512
     """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
     eval_split: Literal["test", "val"] = "test"
@@ -115,19 +115,19 @@ class Args:
     eval_samples: int = 8
     """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before and after training (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
-    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    """on a GPU, bfloat16 autocast (weights, gradients and AdamW stay fp32); CPUs run fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
+    """token budget per forward pass: rows x (longest prompt + longest response) <= it (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
-    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    """generation: HF generate (dynamic KV cache), static-cache generate, or continuous batching"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
+    """under torchrun: FSDP2-shard weights, gradients, optimizer state (default: DDP, full copy)"""
 
     # Algorithm specific
     num_steps: int = 200
@@ -145,22 +145,24 @@ class Args:
     micro_batch_size: int = 64
     """responses per forward/backward (gradient accumulation; memory only, the loss is unchanged)"""
     method: Literal["em-rl", "em-ft"] = "em-rl"
-    """em-rl: PPO on the self-certainty reward with RLOO; em-ft: minimise the token entropy of self-sampled responses"""
+    """em-rl: PPO on the self-certainty reward with RLOO; em-ft: minimise the token entropy of
+    self-sampled responses"""
     reward_type: Literal["token", "sequence"] = "sequence"
-    """EM-RL reward: token = minus the mean token entropy (paper's best), sequence = mean log-prob of the sampled tokens
-    (tuned default: on the previous task's base model only this one predicted correctness)"""
+    """EM-RL reward: token = minus the mean token entropy (paper's best), sequence = mean log-prob
+    of the sampled tokens (tuned default: on the previous task's base model only this one predicted
+    correctness)"""
     reward_norm: Literal["mean", "sum"] = "mean"
-    """reduce the per-token reward terms by their mean over valid tokens (released code) or their sum (paper)"""
+    """reduce the per-token reward terms by their mean (released code) or their sum (paper)"""
     clip_eps_low: float = 0.2
     """PPO clip range below 1"""
     clip_eps_high: float = 0.2
     """PPO clip range above 1"""
     beta: float = 0.001
-    """weight of the k3 KL to the frozen initial model (paper: 0.001; 0: no reference model is loaded)"""
+    """weight of the k3 KL to the frozen initial model (paper: 0.001; 0: no reference model)"""
     entropy_coef: float = 0.0
-    """entropy bonus: loss -= coef * token-mean entropy (released runs: 0.001 by accident; 0 = off)"""
+    """entropy bonus: loss -= coef * token entropy (released runs: 0.001 by accident; 0: off)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """loss aggregation: token-mean (paper, verl default), seq-mean-token-mean, seq-mean-token-sum-norm"""
+    """token-mean (paper, verl default), seq-mean-token-mean or seq-mean-token-sum-norm"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold"""
 
@@ -172,31 +174,33 @@ class Args:
 
 
 def self_certainty_rewards(old_logp, entropy, mask, reward_type: str, reward_norm: str):
-    """EM-RL reward per response from the sampling policy's statistics alone. old_logp, entropy, mask: (B, T).
-    Returns (B,): minus the token entropies (token) or the sampled tokens' log-probs (sequence), reduced over the
-    valid tokens by their mean or sum. Example: entropies [0.5, 0.3, (pad)] -> token reward -(0.5 + 0.3) / 2 = -0.4."""
+    """EM-RL reward per response from the sampling policy's statistics alone. old_logp, entropy,
+    mask: (B, T). Returns (B,): minus the token entropies (token) or the sampled tokens' log-probs
+    (sequence), reduced over the valid tokens by their mean or sum.
+    Example: entropies [0.5, 0.3, (pad)] -> token reward -(0.5 + 0.3) / 2 = -0.4."""
     per_token = -entropy if reward_type == "token" else old_logp  # (B, T)
     summed = (per_token * mask).sum(-1)  # (B,)
     return summed / mask.sum(-1).clamp(min=1) if reward_norm == "mean" else summed
 
 
 def rloo_advantages(rewards: torch.Tensor, prompt_index: torch.Tensor):
-    """Leave-one-out advantage A_i = r_i - mean_{j != i} r_j = n/(n-1) (r_i - mean_g r), no std. rewards,
-    prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)); a group of one gets A = 0.
+    """Leave-one-out advantage A_i = r_i - mean_{j != i} r_j = n/(n-1) (r_i - mean_g r), no std.
+    rewards, prompt_index: (B,). Returns (advantages (B,), zero_std (n_groups,)); a group of one
+    gets A = 0.
 
     Example: one group [1, 2, 3, 4] -> [1 - 3, 2 - 8/3, 3 - 7/3, 4 - 2] = [-2, -2/3, 2/3, 2]."""
     n_groups = int(prompt_index.max()) + 1
     counts = torch.bincount(prompt_index, minlength=n_groups).to(rewards.dtype)  # (n_groups,)
-    means = torch.zeros(n_groups, dtype=rewards.dtype, device=rewards.device).index_add_(0, prompt_index, rewards) / counts
-    centred = rewards - means[prompt_index]
+    means = rewards.new_zeros(n_groups).index_add_(0, prompt_index, rewards) / counts  # (n_groups,)
+    centred = rewards - means[prompt_index]  # (B,)
     spread = torch.zeros_like(means).index_add_(0, prompt_index, centred.abs())  # (n_groups,)
     advantages = centred * (counts / (counts - 1).clamp(min=1))[prompt_index]
     return advantages, spread < 1e-8
 
 
 def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
-    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
-    clipped term is the active (larger) one."""
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped
+    marks the tokens whose clipped term is the active (larger) one."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
@@ -204,21 +208,25 @@ def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
 
 
 def k3_kl(logp, ref_logp):
-    """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref_logp - logp; >= 0, gradient through logp."""
+    """Per-token k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref_logp - logp; >= 0,
+    gradient through logp."""
     d = ref_logp - logp
     return torch.exp(d) - d - 1
 
 
-def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
-    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
-    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
-    mini-batch loss exactly. Defaults: this batch is the whole step."""
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None,
+                   max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the
+    whole optimizer step (the mini-batch) when this call sees one micro-batch of it; summing the
+    calls over the micro-batches then gives the mini-batch loss exactly. Defaults: this batch is the
+    whole step."""
     total_tokens = mask.sum() if total_tokens is None else total_tokens
     total_seqs = mask.shape[0] if total_seqs is None else total_seqs
     if mode == "token-mean":
         return (token_loss * mask).sum() / total_tokens
     if mode == "seq-mean-token-mean":
-        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+        seq_means = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (b,)
+        return seq_means.sum() / total_seqs
     if mode == "seq-mean-token-sum-norm":
         max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
         return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
@@ -227,29 +235,36 @@ def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=No
 
 if __name__ == "__main__":
     args = common.resume_config(tyro.cli(Args), Args)
-    common.check_shared_args(args)  # every flag in range (exit 2) before any model loads; the task's response length
+    # every flag in range (else exit 2) before a model loads; fills in the task's max_new_tokens
+    common.check_shared_args(args)
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
     min_group_size = 2 if args.method == "em-rl" else 1
-    if args.group_size < min_group_size or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
-        raise common.UserInputError("need group_size >= 2 (RLOO; em-ft accepts 1) and num_mini_batches dividing "
-                                    "prompts_per_step * group_size")
+    uneven = args.batch_size % args.num_mini_batches
+    if args.group_size < min_group_size or args.num_mini_batches < 1 or uneven:
+        raise common.UserInputError("need group_size >= 2 (RLOO; em-ft accepts 1) and "
+                                    "num_mini_batches dividing prompts_per_step * group_size")
     if args.method == "em-ft" and args.entropy_coef:
-        raise common.UserInputError("--entropy-coef is an EM-RL term; EM-FT's loss already is the entropy")
+        raise common.UserInputError("--entropy-coef is an EM-RL term; EM-FT's loss already is the "
+                                    "entropy")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed, all draw the same prompts
+    # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed,
+    # all draw the same prompts
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
-        raise common.UserInputError(f"prompts_per_step and the mini-batch size must be multiples of {world_size} processes")
+        raise common.UserInputError("prompts_per_step and the mini-batch size must be multiples of "
+                                    f"{world_size} processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
+                                                        args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
+    train_items = task.train_items()
+    eval_items = task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard(optimizer)  # also checks the weights after each step
     start_step = 1
@@ -259,21 +274,24 @@ if __name__ == "__main__":
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
-                       backend=args.rollout)
-    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                       top_p=args.top_p, top_k=args.top_k, backend=args.rollout)
+    # memory bounds of the no-grad passes
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
     # ALGO LOGIC: the frozen reference model exists only when the KL term is on
     ref_model = None
     if args.beta > 0:
-        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
+        ref_model, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
+                                                       frozen=True)
         ref_model.eval().requires_grad_(False)
 
     # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples,
+                                  **eval_kwargs)
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -281,19 +299,21 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: rollout and rewards
         items = common.shard(sampler.next_batch())  # this process's prompts
-        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
-        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        prompts = [task.prompt(item) for item in items]
+        ro = common.rollout(policy, tokenizer, prompts, args.group_size, args.max_new_tokens,
+                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
+        response_items = [items[i] for i in ro.prompt_index.tolist()]  # each response's prompt item
+        verdicts = [task.verify(item, text) for item, text in zip(response_items, ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
-        response_len = ro.response_ids.shape[1]
+        response_len = ro.response_ids.shape[1]  # T
         time_generate = time.time() - step_start
 
         # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
         logprob_start = time.time()
         with torch.no_grad():
-            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, **micro)
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len,
+                                           args.temperature, with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
         time_logprobs = time.time() - logprob_start
 
@@ -301,54 +321,66 @@ if __name__ == "__main__":
         ref_logp = None
         if ref_model is not None:
             with torch.no_grad():
-                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask, response_len,
-                                                    args.temperature, **micro).logp  # (B, T)
-            time_logprobs = time.time() - logprob_start  # the reference pass counts as log-prob time too
+                ref_logp = common.response_logprobs(ref_model, ro.input_ids, ro.attention_mask,
+                                                    response_len, args.temperature, **micro).logp
+            time_logprobs = time.time() - logprob_start  # the reference pass is log-prob time too
 
-        # ALGO LOGIC: rewards from the sampling policy alone (the verifier's `rewards` above are only logged as accuracy)
-        em_rewards = self_certainty_rewards(old_logp, entropy, mask, args.reward_type, args.reward_norm)  # (B,)
+        # ALGO LOGIC: rewards from the sampling policy alone (the verifier's `rewards` above are
+        # only logged as accuracy)
+        em_rewards = self_certainty_rewards(old_logp, entropy, mask, args.reward_type,
+                                            args.reward_norm)  # (B,)
 
         # ALGO LOGIC: advantages
         seq_advantages, zero_std = rloo_advantages(em_rewards, ro.prompt_index)  # (B,), (n_groups,)
         advantages = seq_advantages[:, None] * mask  # (B, T)
-        if args.method == "em-ft":  # no advantage in its loss; the policy-gradient weight of -H per token, for losses/cov
+        if args.method == "em-ft":
+            # no advantage in its loss: the policy-gradient weight of -H per token, for losses/cov
             advantages = (old_logp + entropy) * mask
 
-        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps, micro-batched)
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps,
+        # micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
         rows = torch.arange(len(rewards), device=device)  # this process's responses
         policy.train()
         entropy_in_loss = args.method == "em-ft" or args.entropy_coef != 0
         for epoch in range(args.num_epochs):
-            # one shuffle of the global batch, the same on every process; each process trains on its rows of each
-            # mini-batch (fillers of weight 0 even out the processes' shares)
-            for mb, weights in common.mini_batch_parts(rows, args.num_mini_batches, hash((args.seed, step, epoch))):
+            # one shuffle of the global batch, the same on every process; each process trains on its
+            # rows of each mini-batch (fillers of weight 0 even out the processes' shares)
+            shuffle_seed = hash((args.seed, step, epoch))
+            for mb, weights in common.mini_batch_parts(rows, args.num_mini_batches, shuffle_seed):
                 mb_mask = mask[mb] * weights[:, None]  # (m, T); a filler has no token
-                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, over all processes
+                mb_tokens = common.all_sum(mb_mask.sum())  # the whole mini-batch's, all processes
                 optimizer.zero_grad()
-                for part in common.micro_batches(torch.arange(len(mb), device=device), ro.widths[mb],
-                                                 args.micro_batch_size, args.micro_batch_tokens):
-                    idx, idx_mask = mb[part], mb_mask[part]
-                    stats = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                positions = torch.arange(len(mb), device=device)  # into mb
+                for part in common.micro_batches(positions, ro.widths[mb], args.micro_batch_size,
+                                                 args.micro_batch_tokens):
+                    idx, idx_mask = mb[part], mb_mask[part]  # (b,), (b, T)
+                    stats = common.response_logprobs(policy, ro.input_ids[idx],
+                                                     ro.attention_mask[idx], response_len,
                                                      args.temperature, with_entropy=entropy_in_loss,
                                                      entropy_grad=entropy_in_loss)
                     logp = stats.logp  # (b, T)
                     if args.method == "em-rl":
-                        token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
-                                                                   args.clip_eps_high)
+                        token_loss, ratio, clipped = ppo_clip_loss(
+                            logp, old_logp[idx], advantages[idx], args.clip_eps_low,
+                            args.clip_eps_high)
                         if args.entropy_coef:
                             token_loss = token_loss - args.entropy_coef * stats.entropy
-                    else:  # EM-FT: the gradient flows through every position's full next-token distribution; no clipping
+                    else:
+                        # EM-FT: the gradient flows through every position's full next-token
+                        # distribution; no clipping
                         token_loss, ratio = stats.entropy, torch.exp(logp - old_logp[idx])
                         clipped = torch.zeros_like(logp, dtype=torch.bool)
                     if ref_logp is not None:
                         kl = k3_kl(logp, ref_logp[idx])
                         token_loss = token_loss + args.beta * kl
                         sums["kl"] += (kl.detach() * idx_mask).sum().item()
-                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
-                    loss = world_size * aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens,
-                                                       args.mini_batch_size, args.max_new_tokens)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP
+                    # average gradients
+                    mb_loss = aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens,
+                                             args.mini_batch_size, args.max_new_tokens)
+                    loss = world_size * mb_loss
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -362,14 +394,17 @@ if __name__ == "__main__":
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
-        common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens")  # global token means
+        # global token means
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "kl", "tokens")
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: metrics
-        with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
+        with torch.no_grad():  # the covariance of old log-probs and advantages, over all processes
+            mean_logp = common.masked_mean(old_logp, mask, all_processes=True)
+            mean_adv = common.masked_mean(advantages, mask, all_processes=True)
+            centred_logp = (old_logp - mean_logp) * mask
+            centred_adv = (advantages - mean_adv) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -393,35 +428,43 @@ if __name__ == "__main__":
             "time/step": time_step,
         }
 
-        # ALGO LOGIC: method metrics: charts/reward_mean is the self-certainty reward trained on (charts/accuracy stays
-        # the verifier's); both reward types whatever is trained on, and the size of the learning signal
+        # ALGO LOGIC: method metrics: charts/reward_mean is the self-certainty reward trained on
+        # (charts/accuracy stays the verifier's); both reward types whatever is trained on, and the
+        # size of the learning signal
         metrics["charts/reward_mean"] = em_rewards.mean().item()
         if ref_model is not None:
             metrics["losses/kl"] = sums["kl"] / sums["tokens"]
         for reward_type in ("token", "sequence"):
-            type_rewards = self_certainty_rewards(old_logp, entropy, mask, reward_type, "mean")  # (B,)
+            type_rewards = self_certainty_rewards(old_logp, entropy, mask, reward_type,
+                                                  "mean")  # (B,)
             metrics[f"charts/em_{reward_type}_reward"] = type_rewards.mean().item()
         metrics["charts/em_advantage_abs_mean"] = seq_advantages.abs().mean().item()
 
         # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
-        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
-        if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
+        last_step = step == args.num_steps
+        if args.eval_every and step % args.eval_every == 0 and not last_step:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples,
+                                           **eval_kwargs))
+        if last_step:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items,
+                                           args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
 
-        # ALGO LOGIC: a few sampled completions; with the self-certainty reward trained on and the verifier's
+        # ALGO LOGIC: a few sampled completions; with the self-certainty reward trained on and the
+        # verifier's
         if args.log_completions_every and step % args.log_completions_every == 0:
-            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
-                                           "reward": em_rewards[b].item(), "correct": rewards[b].item()}
-                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+            samples = [{"prompt": prompts[i], "response": ro.texts[b],
+                        "reward": em_rewards[b].item(), "correct": rewards[b].item()}
+                       for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])]
+            logger.log_completions(step, samples)
 
         # TRY NOT TO MODIFY: checkpoint
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped},
-                                   models={"policy": (policy, optimizer)})
+            state = {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped}
+            models = {"policy": (policy, optimizer)}
+            common.save_checkpoint(logger.run_dir, step, state, models=models)
 
     # TRY NOT TO MODIFY: the trained policy
     if args.save_model:

@@ -90,21 +90,21 @@ class Args:
     save_model: bool = False
     """if toggled, save the trained policy as a `save_pretrained` folder in the run folder"""
     save_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    """dtype of the --save-model weights (auto: bfloat16 when training ran with --bf16 on a GPU, else float32)"""
+    """dtype of --save-model weights (auto: bfloat16 after --bf16 training on a GPU, else fp32)"""
     log_completions_every: int = 50
     """write a few sampled completions to completions.jsonl every this many steps (0: never)"""
     checkpoint_every: int = 50
-    """save everything needed to continue exactly (atomically, over the previous one) every this many steps (0: never)"""
+    """save what it takes to continue exactly (over the last) every this many steps (0: never)"""
     resume: str = ""
-    """a run folder to continue from its last checkpoint, with its saved configuration (only --num-steps may change)"""
+    """a run folder to continue from its last checkpoint and flags (only --num-steps may change)"""
 
     # Model & data
     model_name: str = common.EMBEDDED_MODEL
-    """local folder or hub id of the base model (default: the tiny model that ships with the repository)"""
+    """local folder or hub id of the base model (default: the tiny model shipped in the repo)"""
     task: str = "countdown"
-    """task from common.TASKS: countdown (step answers), countdown-expr (expression answers), arith, gsm8k or math"""
+    """common.TASKS: countdown (step answers), countdown-expr (an expression), arith, gsm8k, math"""
     dataset: str = ""
-    """gsm8k / math only: hub id or local folder with train and test files (default: the task's own source)"""
+    """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
     temperature: float = 1.0
@@ -114,7 +114,7 @@ class Args:
     top_k: int = 0
     """top-k sampling (0 = off)"""
     eval_every: int = 50
-    """evaluate every this many steps, and before the first and after the last (0: only those two)"""
+    """evaluate every this many steps, and before the first and after the last (0: only these)"""
     eval_prompts: int = 512
     """number of prompts to evaluate on (countdown adds half as many of its second skill)"""
     eval_split: Literal["test", "val"] = "test"
@@ -122,25 +122,25 @@ class Args:
     eval_samples: int = 8
     """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
-    """samples per prompt in the evaluations before the first and after the last step (pass@k up to this k)"""
+    """samples per prompt in the evaluations before and after training (pass@k up to this k)"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
-    """on a GPU, compute in bfloat16 under autocast (weights, gradients and AdamW stay fp32); the CPU runs fp32"""
+    """on a GPU, bfloat16 autocast (weights, gradients and AdamW stay fp32); CPUs run fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in the backward pass (less memory, about a third more compute)"""
     micro_batch_tokens: int = 0
-    """token budget of every forward pass (no-grad ones too): rows x (longest prompt + longest response) <= this (0: off)"""
+    """token budget per forward pass: rows x (longest prompt + longest response) <= it (0: off)"""
     rollout: Literal["generate", "static", "continuous"] = "generate"
-    """generation backend: HF generate (dynamic KV cache), generate with a static cache, continuous batching (paged)"""
+    """generation: HF generate (dynamic KV cache), static-cache generate, or continuous batching"""
     fsdp: bool = False
-    """under torchrun: shard parameters, gradients and optimizer state with FSDP2 (default: DDP, a copy per process)"""
+    """under torchrun: FSDP2-shard weights, gradients, optimizer state (default: DDP, full copy)"""
 
     # Algorithm specific
     num_steps: int = 200
     """number of rollouts (training steps)"""
     prompts_per_step: int = 32
-    """prompts sampled per rollout, before the accuracy filter (32 x 4 = GRPO's 128 responses; the paper: 256)"""
+    """prompts sampled per rollout, before the accuracy filter (32 x 4 = GRPO's 128; paper: 256)"""
     group_size: int = 4
     """responses sampled per prompt (n; the leave-one-out baselines need n >= 2)"""
     learning_rate: float = 1e-4
@@ -156,19 +156,22 @@ class Args:
     clip_eps_high: float = 0.2
     """PPO clip range above 1 (DAPO clip-higher: 0.28)"""
     loss_agg: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] = "token-mean"
-    """loss aggregation: token-mean (PRIME, DAPO), seq-mean-token-mean (original GRPO), seq-mean-token-sum-norm (Dr. GRPO)"""
+    """token-mean (PRIME, DAPO), seq-mean-token-mean (original GRPO) or seq-mean-token-sum-norm
+    (Dr. GRPO)"""
     max_grad_norm: float = 1.0
     """gradient clipping threshold of the policy"""
     prm_beta: float = 0.05
-    """beta of the implicit process reward beta * (log pi_phi - log pi_ref) and of the PRM's cross-entropy loss"""
+    """beta of the process reward beta * (log pi_phi - log pi_ref) and of the PRM's cross-entropy"""
     prm_learning_rate: float = 1e-4
-    """implicit PRM AdamW learning rate (constant; the paper: 1e-6 for 7B; 0 freezes pi_phi = pi_ref: q = 0, outcome only)"""
+    """implicit PRM AdamW learning rate (constant; the paper: 1e-6 for 7B; 0 freezes
+    pi_phi = pi_ref: q = 0, outcome rewards only)"""
     prm_max_grad_norm: float = 10.0
     """gradient clipping threshold of the implicit PRM"""
     prm_update: Literal["after", "before"] = "after"
-    """after: rewards from the PRM before its update (one forward pass, the original code); before: update, then re-score"""
+    """after: rewards from the PRM before its update (one forward pass, the original code);
+    before: update, then re-score"""
     prm_ref: Literal["freeze", "policy"] = "freeze"
-    """reference of the implicit PRM: a frozen copy of the base model, or the policy's old log-probs (one copy fewer)"""
+    """the PRM's reference: a frozen copy of the base model, or the policy's old log-probs"""
     acc_low: float = 0.2
     """keep a prompt only if the accuracy of its responses is at least this"""
     acc_high: float = 0.8
@@ -183,44 +186,52 @@ class Args:
     """responses sampled per rollout (prompts_per_step * group_size); the kept ones train"""
 
 
-def keep_prompts(acc, truncated, prompt_index, acc_low: float, acc_high: float, filter_truncated: bool):
-    """PRIME's accuracy filter. acc, truncated, prompt_index: (B,). Returns (keep (n_prompts,) bool, group_acc (n_prompts,)).
+def keep_prompts(acc, truncated, prompt_index, acc_low: float, acc_high: float,
+                 filter_truncated: bool):
+    """PRIME's accuracy filter. acc, truncated, prompt_index: (B,).
+    Returns (keep (n_prompts,) bool, group_acc (n_prompts,)).
 
-    Example with n = 4, bounds [0.2, 0.8]: a prompt with 0 or 4 correct responses is dropped, 1 to 3 correct is kept
-    unless one of its responses is truncated (with filter_truncated)."""
+    Example with n = 4, bounds [0.2, 0.8]: a prompt with 0 or 4 correct responses is dropped, 1 to 3
+    correct is kept unless one of its responses is truncated (with filter_truncated)."""
     n_prompts = int(prompt_index.max()) + 1
     counts = torch.bincount(prompt_index, minlength=n_prompts).to(acc.dtype)  # (n_prompts,)
-    group_acc = torch.zeros(n_prompts, dtype=acc.dtype, device=acc.device).index_add_(0, prompt_index, acc) / counts
+    group_acc = acc.new_zeros(n_prompts).index_add_(0, prompt_index, acc) / counts  # (n_prompts,)
     keep = (group_acc >= acc_low) & (group_acc <= acc_high)
     if filter_truncated:
-        n_truncated = torch.zeros_like(group_acc).index_add_(0, prompt_index, truncated.to(acc.dtype))
+        n_truncated = torch.zeros_like(group_acc)
+        n_truncated.index_add_(0, prompt_index, truncated.to(acc.dtype))  # (n_prompts,)
         keep &= n_truncated == 0
     return keep, group_acc
 
 
 @torch.no_grad()
-def prm_reference_logprobs(prm_ref, old_logp, input_ids, attention_mask, response_len: int, temperature: float,
-                           **micro):
-    """log pi_ref of the response tokens (B, T), never differentiable: from the frozen copy, or with `prm_ref` None
-    (--prm-ref policy) the policy's old log-probs."""
+def prm_reference_logprobs(prm_ref, old_logp, input_ids, attention_mask, response_len: int,
+                           temperature: float, **micro):
+    """log pi_ref of the response tokens (B, T), never differentiable: from the frozen copy, or with
+    `prm_ref` None (--prm-ref policy) the policy's old log-probs."""
     if prm_ref is None:
         return old_logp.detach()
-    return common.response_logprobs(prm_ref, input_ids, attention_mask, response_len, temperature, **micro).logp
+    return common.response_logprobs(prm_ref, input_ids, attention_mask, response_len, temperature,
+                                    **micro).logp
 
 
 def prm_ce_loss(q, mask, acc, beta: float, total_seqs=None, weight=None):
-    """Cross-entropy of the implicit PRM on outcome labels, BCE(sigmoid(beta * sum_t q_t), acc), summed over this batch
-    and divided by `total_seqs` (the whole optimizer step's count when this is one micro-batch of it; default: this
-    batch). q, mask: (b, T); acc, weight: (b,), weight 0 leaves a row out. Gradient flows through q, i.e. through
-    log pi_phi only."""
+    """Cross-entropy of the implicit PRM on outcome labels, BCE(sigmoid(beta * sum_t q_t), acc),
+    summed over this batch and divided by `total_seqs` (the whole optimizer step's count when this
+    is one micro-batch of it; default: this batch). q, mask: (b, T); acc, weight: (b,), weight 0
+    leaves a row out. Gradient flows through q, i.e. through log pi_phi only."""
     total_seqs = acc.shape[0] if total_seqs is None else total_seqs
-    return F.binary_cross_entropy_with_logits(beta * (q * mask).sum(-1), acc, weight=weight, reduction="sum") / total_seqs
+    logits = beta * (q * mask).sum(-1)  # (b,)
+    bce = F.binary_cross_entropy_with_logits(logits, acc, weight=weight, reduction="sum")
+    return bce / total_seqs
 
 
 def pairwise_ranking_accuracy(seq_scores, acc, prompt_index) -> float:
-    """Share of the pairs (correct, wrong) within one group where the correct response has the higher score; a tie
-    counts one half; 0.5 when no group has such a pair. All (B,)."""
-    correct_over_wrong = (prompt_index[:, None] == prompt_index[None, :]) & (acc[:, None] > acc[None, :])  # (B, B)
+    """Share of the pairs (correct, wrong) within one group where the correct response has the
+    higher score; a tie counts one half; 0.5 when no group has such a pair. All (B,)."""
+    same_group = prompt_index[:, None] == prompt_index[None, :]  # (B, B)
+    # (B, B): the row's response is correct, the column's wrong, in one group
+    correct_over_wrong = same_group & (acc[:, None] > acc[None, :])
     pairs = correct_over_wrong.sum()
     if not pairs:
         return 0.5
@@ -230,7 +241,8 @@ def pairwise_ranking_accuracy(seq_scores, acc, prompt_index) -> float:
 
 
 def discounted_returns(rewards, mask, gamma: float):
-    """returns_t = sum_{s >= t} gamma^(s - t) rewards_s over the valid tokens, 0 after them. (B, T) -> (B, T).
+    """returns_t = sum_{s >= t} gamma^(s - t) rewards_s over the valid tokens, 0 after them.
+    (B, T) -> (B, T).
     With gamma = 1 a reverse cumulative sum: rewards [1, 2, 3] -> [6, 5, 3]."""
     returns = torch.zeros_like(rewards)
     running = torch.zeros_like(rewards[:, 0])  # (B,)
@@ -241,36 +253,41 @@ def discounted_returns(rewards, mask, gamma: float):
 
 
 def normalise_process_rewards(rewards, mask, eps: float = 1e-6):
-    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum|, so that every process
-    return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
+    """Divide token rewards (B, T) by one batch scalar, the largest |reverse cumulative sum|, so
+    that every process return lies in [-1, 1]. Returns (normalised rewards (B, T), the scalar)."""
     returns = discounted_returns(rewards, mask, 1.0).abs()
-    scale = (returns.max() if returns.numel() else returns.new_zeros(())) + eps  # an empty batch: eps
+    largest = returns.max() if returns.numel() else returns.new_zeros(())  # an empty batch: 0
+    scale = largest + eps
     return rewards * mask / scale, scale
 
 
 def last_token_mask(mask):
-    """(B, T) -> (B, T) with a 1 at the last valid token of each row (the EOS, or the last token of a truncated one)."""
+    """(B, T) -> (B, T) with a 1 at the last valid token of each row (the EOS, or the last token of
+    a truncated one)."""
     return mask * (mask.cumsum(-1) == mask.sum(-1, keepdim=True)).to(mask.dtype)
 
 
 def leave_one_out(scores, score_mask, prompt_index):
-    """Leave-one-out baseline of one reward source, PRIME's code form. scores, score_mask: (B, T); prompt_index: (B,).
+    """Leave-one-out baseline of one reward source, PRIME's code form. scores, score_mask: (B, T);
+    prompt_index: (B,).
 
     With m_i the mean of row i over its masked positions and n the size of its group:
-    scores * n / (n - 1) - sum_{j in group} m_j / (n - 1) at the masked positions, 0 elsewhere. For the outcome source
-    (acc at the last token only) this is acc_i - mean_{j != i} acc_j: acc [1, 0, 0, 1] -> [2/3, -2/3, -2/3, 2/3]."""
-    n_groups = int(prompt_index.max()) + 1 if len(prompt_index) else 0  # an empty batch has no group
+    scores * n / (n - 1) - sum_{j in group} m_j / (n - 1) at the masked positions, 0
+    elsewhere. For the outcome source (acc at the last token only) this is
+    acc_i - mean_{j != i} acc_j: acc [1, 0, 0, 1] -> [2/3, -2/3, -2/3, 2/3]."""
+    n_groups = int(prompt_index.max()) + 1 if len(prompt_index) else 0  # an empty batch: none
     sizes = torch.bincount(prompt_index, minlength=n_groups)  # (n_groups,)
     if (sizes[prompt_index] < 2).any():
         raise ValueError("leave-one-out baselines need at least 2 responses in every group")
     row_means = (scores * score_mask).sum(-1) / score_mask.sum(-1).clamp(min=1)  # (B,)
-    group_sums = torch.zeros(n_groups, dtype=scores.dtype, device=scores.device).index_add_(0, prompt_index, row_means)
+    group_sums = scores.new_zeros(n_groups).index_add_(0, prompt_index, row_means)  # (n_groups,)
     n = sizes[prompt_index].to(scores.dtype)[:, None]  # (B, 1)
     return (scores * n / (n - 1) - group_sums[prompt_index][:, None] / (n - 1)) * score_mask
 
 
 def masked_whiten(x, mask, eps: float = 1e-8):
-    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch (unbiased variance); 0 at padding. (B, T)."""
+    """(x - mean) / sqrt(var + eps) over the valid tokens of the whole batch (unbiased variance);
+    0 at padding. (B, T)."""
     n_tokens = mask.sum()
     mean = (x * mask).sum() / n_tokens.clamp(min=1)
     var = (((x - mean) * mask) ** 2).sum() / (n_tokens - 1).clamp(min=1)
@@ -278,9 +295,10 @@ def masked_whiten(x, mask, eps: float = 1e-8):
 
 
 def prime_advantages(q, mask, acc, prompt_index, beta: float, gamma: float):
-    """Advantages of the kept responses from the PRM's q and mask (K, T), outcomes acc and groups prompt_index (K,):
-    process rewards beta q scaled by the batch's largest return, leave-one-out per source, summed, discounted into
-    returns and whitened over the batch. Returns (advantages (K, T), the process-reward scale)."""
+    """Advantages of the kept responses from the PRM's q and mask (K, T), outcomes acc and groups
+    prompt_index (K,): process rewards beta q scaled by the batch's largest return, leave-one-out
+    per source, summed, discounted into returns and whitened over the batch.
+    Returns (advantages (K, T), the process-reward scale)."""
     process_rewards, process_scale = normalise_process_rewards(beta * q, mask)  # (K, T), ()
     last_token = last_token_mask(mask)  # (K, T)
     outcome_advantages = leave_one_out(acc[:, None] * last_token, last_token, prompt_index)
@@ -290,24 +308,27 @@ def prime_advantages(q, mask, acc, prompt_index, beta: float, gamma: float):
 
 
 def ppo_clip_loss(logp, old_logp, advantages, eps_low: float, eps_high: float):
-    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped marks the tokens whose
-    clipped term is the active (larger) one."""
+    """Per-token PPO clipped surrogate. All (B, T). Returns (loss, ratio, clipped) where clipped
+    marks the tokens whose clipped term is the active (larger) one."""
     ratio = torch.exp(logp - old_logp)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     return torch.maximum(unclipped, clipped), ratio, clipped > unclipped
 
 
-def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None, max_new_tokens=None):
-    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the whole optimizer step
-    (the mini-batch) when this call sees one micro-batch of it; summing the calls over the micro-batches then gives the
-    mini-batch loss exactly. Defaults: this batch is the whole step."""
+def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=None,
+                   max_new_tokens=None):
+    """Reduce a (b, T) token loss to a scalar. `total_tokens`/`total_seqs` are the counts of the
+    whole optimizer step (the mini-batch) when this call sees one micro-batch of it; summing the
+    calls over the micro-batches then gives the mini-batch loss exactly. Defaults: this batch is the
+    whole step."""
     total_tokens = mask.sum() if total_tokens is None else total_tokens
     total_seqs = mask.shape[0] if total_seqs is None else total_seqs
     if mode == "token-mean":
         return (token_loss * mask).sum() / total_tokens
     if mode == "seq-mean-token-mean":
-        return ((token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)).sum() / total_seqs
+        seq_means = (token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # (b,)
+        return seq_means.sum() / total_seqs
     if mode == "seq-mean-token-sum-norm":
         max_new_tokens = mask.shape[1] if max_new_tokens is None else max_new_tokens
         return (token_loss * mask).sum() / (total_seqs * max_new_tokens)
@@ -316,27 +337,34 @@ def aggregate_loss(token_loss, mask, mode: str, total_tokens=None, total_seqs=No
 
 if __name__ == "__main__":
     args = common.resume_config(tyro.cli(Args), Args)
-    common.check_shared_args(args)  # every flag in range (exit 2) before any model loads; the task's response length
+    # every flag in range (else exit 2) before a model loads; fills in the task's max_new_tokens
+    common.check_shared_args(args)
     args.batch_size = args.prompts_per_step * args.group_size
     if args.group_size < 2 or args.num_mini_batches < 1:
-        raise common.UserInputError("need group_size >= 2 (leave-one-out baselines) and num_mini_batches >= 1")
-    if not 0 <= args.acc_low <= args.acc_high <= 1 or args.prm_beta <= 0 or not 0 <= args.gamma <= 1:
-        raise common.UserInputError("need 0 <= acc_low <= acc_high <= 1, prm_beta > 0 and 0 <= gamma <= 1")
+        raise common.UserInputError("need group_size >= 2 (leave-one-out baselines) and "
+                                    "num_mini_batches >= 1")
+    acc_ok = 0 <= args.acc_low <= args.acc_high <= 1
+    if not acc_ok or args.prm_beta <= 0 or not 0 <= args.gamma <= 1:
+        raise common.UserInputError("need 0 <= acc_low <= acc_high <= 1, prm_beta > 0 and "
+                                    "0 <= gamma <= 1")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
-    # ALGO LOGIC: processes (torchrun) and seeding; as grpo.py's, but PRIME's mini-batches are cut from the
-    # kept responses, of no fixed size: only the prompts must split evenly over the processes
+    # ALGO LOGIC: processes (torchrun) and seeding; as grpo.py's, but PRIME's mini-batches are cut
+    # from the kept responses, of no fixed size: only the prompts must split evenly
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size:
-        raise common.UserInputError(f"prompts_per_step must be a multiple of {world_size} processes")
+        raise common.UserInputError(f"prompts_per_step must be a multiple of {world_size} "
+                                    "processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging
-    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
+                                                        args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
     task = common.get_task(args.task, args.dataset, tokenizer)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
-    train_items, eval_items = task.train_items(), task.eval_items(args.eval_split, args.eval_prompts)
+    train_items = task.train_items()
+    eval_items = task.eval_items(args.eval_split, args.eval_prompts)
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard(optimizer)  # also checks the weights after each step
     start_step = 1
@@ -346,20 +374,24 @@ if __name__ == "__main__":
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens, top_p=args.top_p, top_k=args.top_k,
-                       backend=args.rollout)
-    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)  # no-grad passes
+    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                       top_p=args.top_p, top_k=args.top_k, backend=args.rollout)
+    # memory bounds of the no-grad passes
+    micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)
     print(f"run folder: {logger.run_dir}")
     print(f"max new tokens: {args.max_new_tokens}")
 
-    # ALGO LOGIC: the implicit PRM (trained) and its frozen reference (with --prm-ref policy: the policy's old log-probs)
-    prm, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, args.gradient_checkpointing)
+    # ALGO LOGIC: the implicit PRM (trained) and its frozen reference (with --prm-ref policy: the
+    # policy's old log-probs)
+    prm, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
+                                             args.gradient_checkpointing)
     prm = common.data_parallel(prm, args.fsdp)
     prm_optimizer = torch.optim.AdamW(prm.parameters(), lr=args.prm_learning_rate, weight_decay=0.0)
     guard.watch(prm_optimizer)
     prm_ref = None
     if args.prm_ref == "freeze":
-        prm_ref, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16, frozen=True)
+        prm_ref, _ = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
+                                                     frozen=True)
         prm_ref.eval().requires_grad_(False)
     empty_steps = 0
     if args.resume:
@@ -368,7 +400,8 @@ if __name__ == "__main__":
 
     # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs)  # the base
+        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples,
+                                  **eval_kwargs)
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -376,113 +409,143 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: rollout and rewards
         items = common.shard(sampler.next_batch())  # this process's prompts
-        ro = common.rollout(policy, tokenizer, [task.prompt(item) for item in items], args.group_size,
-                            args.max_new_tokens, args.temperature, args.top_p, args.top_k, backend=args.rollout)
-        verdicts = [task.verify(items[i], text) for i, text in zip(ro.prompt_index.tolist(), ro.texts)]
+        prompts = [task.prompt(item) for item in items]
+        ro = common.rollout(policy, tokenizer, prompts, args.group_size, args.max_new_tokens,
+                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
+        response_items = [items[i] for i in ro.prompt_index.tolist()]  # each response's prompt item
+        verdicts = [task.verify(item, text) for item, text in zip(response_items, ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
         mask = ro.response_mask.float()  # (B, T)
-        response_len = ro.response_ids.shape[1]
+        response_len = ro.response_ids.shape[1]  # T
         time_generate = time.time() - step_start
 
         # TRY NOT TO MODIFY: log-probs of the sampling policy, frozen for the whole rollout
         logprob_start = time.time()
         with torch.no_grad():
-            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len, args.temperature,
-                                           with_entropy=True, **micro)
+            old = common.response_logprobs(policy, ro.input_ids, ro.attention_mask, response_len,
+                                           args.temperature, with_entropy=True, **micro)
             old_logp, entropy = old.logp, old.entropy  # (B, T) each
         time_logprobs = time.time() - logprob_start
 
-        # ALGO LOGIC: accuracy filter (sample, then keep the prompts with 1 to n-1 correct and no truncated response)
-        keep_prompt, group_acc = keep_prompts(rewards, ro.truncated, ro.prompt_index, args.acc_low, args.acc_high,
-                                              args.filter_truncated)  # (n_prompts,) each
-        zero_std = (group_acc == 0) | (group_acc == 1)  # rewards are 0/1: all-equal groups, logged as in grpo.py
-        kept_rows = keep_prompt[ro.prompt_index].nonzero().squeeze(-1)  # (K,) the responses of the kept prompts
+        # ALGO LOGIC: accuracy filter (sample, then keep the prompts with 1 to n-1 correct and no
+        # truncated response)
+        keep_prompt, group_acc = keep_prompts(rewards, ro.truncated, ro.prompt_index, args.acc_low,
+                                              args.acc_high, args.filter_truncated)  # (n_prompts,)
+        # rewards are 0/1: all-equal groups, logged as in grpo.py
+        zero_std = (group_acc == 0) | (group_acc == 1)
+        # (K,) the responses of the kept prompts
+        kept_rows = keep_prompt[ro.prompt_index].nonzero().squeeze(-1)
         kept_counts = common.gather_lists([len(kept_rows)])  # every process's K
         n_kept = sum(kept_counts)
-        n_mini_batches = min(args.num_mini_batches, n_kept)  # 0: nothing to train on, no update this step
+        # 0: nothing to train on, no update this step
+        n_mini_batches = min(args.num_mini_batches, n_kept)
         empty_steps += int(n_mini_batches == 0)
-        prime_metrics = {"charts/kept_frac": keep_prompt.float().mean().item(), "charts/empty_steps": empty_steps}
+        prime_metrics = {"charts/kept_frac": keep_prompt.float().mean().item(),
+                         "charts/empty_steps": empty_steps}
 
-        # ALGO LOGIC: implicit PRM, its process rewards q_t and its cross-entropy update on the outcome labels
+        # ALGO LOGIC: implicit PRM, its process rewards q_t and its cross-entropy update on the
+        # outcome labels
         prm_start = time.time()
         if n_mini_batches:
-            kept_mask, kept_acc, kept_index = mask[kept_rows], rewards[kept_rows], ro.prompt_index[kept_rows]  # (K, T), (K,)
+            kept_mask = mask[kept_rows]  # (K, T)
+            kept_acc, kept_index = rewards[kept_rows], ro.prompt_index[kept_rows]  # (K,) each
             ref_logp = torch.zeros_like(mask)  # (B, T) log pi_ref, at the kept rows
             if len(kept_rows):  # the frozen reference is no collective: this process alone
-                ref_logp[kept_rows] = prm_reference_logprobs(prm_ref, old_logp[kept_rows], ro.input_ids[kept_rows],
-                                                             ro.attention_mask[kept_rows], response_len, args.temperature,
-                                                             **micro)
-            q_before = torch.zeros_like(mask)  # (B, T) q of the loss's forward pass, before the PRM's step
+                ref_logp[kept_rows] = prm_reference_logprobs(
+                    prm_ref, old_logp[kept_rows], ro.input_ids[kept_rows],
+                    ro.attention_mask[kept_rows], response_len, args.temperature, **micro)
+            # (B, T) q of the loss's forward pass, before the PRM's step
+            q_before = torch.zeros_like(mask)
             prm_sums = defaultdict(float)
             prm.train()
-            for rows, weights in common.mini_batch_parts(kept_rows, n_mini_batches, seed=None):  # in sampling order
-                n_seqs = common.all_sum(weights.sum())  # the whole mini-batch's responses, over all processes
+            # in sampling order
+            for rows, weights in common.mini_batch_parts(kept_rows, n_mini_batches, seed=None):
+                n_seqs = common.all_sum(weights.sum())  # the whole mini-batch's, all processes
                 prm_optimizer.zero_grad()
-                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.widths[rows],
-                                                 args.micro_batch_size, args.micro_batch_tokens):
+                positions = torch.arange(len(rows), device=device)  # into rows
+                for part in common.micro_batches(positions, ro.widths[rows], args.micro_batch_size,
+                                                 args.micro_batch_tokens):
                     idx, weight = rows[part], weights[part]  # weight 0: a filler
-                    prm_logp = common.response_logprobs(prm, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                    prm_logp = common.response_logprobs(prm, ro.input_ids[idx],
+                                                        ro.attention_mask[idx], response_len,
                                                         args.temperature).logp  # (b, T)
-                    q = (prm_logp - ref_logp[idx]) * mask[idx]
-                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
-                    prm_loss = world_size * prm_ce_loss(q, mask[idx], rewards[idx], args.prm_beta, n_seqs, weight)
+                    q = (prm_logp - ref_logp[idx]) * mask[idx]  # (b, T)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP
+                    # average gradients
+                    prm_loss = world_size * prm_ce_loss(q, mask[idx], rewards[idx], args.prm_beta,
+                                                        n_seqs, weight)
                     prm_loss.backward()
                     q_before[idx[weight > 0]] = q.detach()[weight > 0]
                     prm_sums["loss"] += prm_loss.item()
                 prm_grad_norm = common.clip_grad_norm(prm, args.prm_max_grad_norm)
-                if guard.step_ok(prm_grad_norm):  # a non-finite PRM loss or gradient skips its step too
+                if guard.step_ok(prm_grad_norm):  # a non-finite PRM loss or gradient skips it too
                     prm_optimizer.step()
                     prm_sums["grad_norm"] += prm_grad_norm.item()
                     prm_sums["applied_steps"] += 1
-            padded = torch.cat([kept_rows, kept_rows.new_zeros(max(kept_counts) - len(kept_rows))])  # as many passes
+            # every process makes as many forward passes (DDP and FSDP ones are collective)
+            padding = kept_rows.new_zeros(max(kept_counts) - len(kept_rows))
+            padded = torch.cat([kept_rows, padding])
             with torch.no_grad():
-                prm_logp = common.response_logprobs(prm, ro.input_ids[padded], ro.attention_mask[padded], response_len,
+                prm_logp = common.response_logprobs(prm, ro.input_ids[padded],
+                                                    ro.attention_mask[padded], response_len,
                                                     args.temperature, **micro).logp
-                q_after = (prm_logp[: len(kept_rows)] - ref_logp[kept_rows]) * kept_mask
+                q_after = (prm_logp[: len(kept_rows)] - ref_logp[kept_rows]) * kept_mask  # (K, T)
             q = q_before[kept_rows] if args.prm_update == "after" else q_after  # (K, T)
-            # every process's kept responses (K_all, ...), the same on every process: the PRM's ranking accuracy, the
-            # process-reward scale and the whitening are those of the whole batch
-            all_q, all_mask, all_acc = (common.gather_rows(x) for x in (q, kept_mask, kept_acc))  # (K_all, T'), (K_all,)
-            all_index = common.gather_rows(kept_index + rank * len(items))  # (K_all,) prompts of the global batch
-            seq_q_before, seq_q_after = (common.gather_rows(x.sum(-1)) for x in (q_before[kept_rows], q_after))
+            # every process's kept responses, (K_all, T') and (K_all,), the same on every process:
+            # the PRM's ranking accuracy, the process-reward scale and the whitening are the whole
+            # batch's; prompts are numbered over the global batch
+            all_q, all_mask, all_acc = map(common.gather_rows, (q, kept_mask, kept_acc))
+            all_index = common.gather_rows(kept_index + rank * len(items))
+            seq_q_before = common.gather_rows(q_before[kept_rows].sum(-1))  # (K_all,)
+            seq_q_after = common.gather_rows(q_after.sum(-1))  # (K_all,)
+            prm_acc_before = pairwise_ranking_accuracy(seq_q_before, all_acc, all_index)
+            prm_acc_after = pairwise_ranking_accuracy(seq_q_after, all_acc, all_index)
             prime_metrics.update({
                 "losses/prm_loss": prm_sums["loss"] / n_mini_batches,
                 "losses/prm_grad_norm": prm_sums["grad_norm"] / max(1, prm_sums["applied_steps"]),
-                "charts/prm_acc_before": pairwise_ranking_accuracy(seq_q_before, all_acc, all_index),
-                "charts/prm_acc_after": pairwise_ranking_accuracy(seq_q_after, all_acc, all_index),
+                "charts/prm_acc_before": prm_acc_before,
+                "charts/prm_acc_after": prm_acc_after,
                 "charts/prm_q_sum_mean": (common.all_sum(q.sum(-1).sum()) / n_kept).item(),
             })
         prime_metrics["time/prm"] = time.time() - prm_start
 
-        # ALGO LOGIC: advantages (leave-one-out per reward source, summed, returns, whitened over the kept tokens)
+        # ALGO LOGIC: advantages (leave-one-out per reward source, summed, returns, whitened over
+        # the kept tokens)
         advantages = torch.zeros_like(mask)  # (B, T); the filtered-out responses keep A = 0
         if n_mini_batches:
-            all_advantages, process_scale = prime_advantages(all_q, all_mask, all_acc, all_index, args.prm_beta,
-                                                             args.gamma)  # (K_all, T')
+            all_advantages, process_scale = prime_advantages(all_q, all_mask, all_acc, all_index,
+                                                             args.prm_beta, args.gamma)
             advantages[kept_rows] = common.own_rows(all_advantages, q)  # this process's (K, T)
             prime_metrics["charts/process_reward_scale"] = process_scale.item()
 
-        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps over the kept responses, micro-batched)
+        # ALGO LOGIC: loss and updates (num_epochs x num_mini_batches optimizer steps over the kept
+        # responses, micro-batched)
         train_start = time.time()
         sums = defaultdict(float)
         policy.train()
         for epoch in range(args.num_epochs if n_mini_batches else 0):
-            # one shuffle of the global kept batch, the same on every process; each process trains on its rows of
-            # each mini-batch (fillers of weight 0 even out the processes' shares)
-            for rows, weights in common.mini_batch_parts(kept_rows, n_mini_batches, hash((args.seed, step, epoch))):
-                train_mask = mask[rows] * weights[:, None]  # a filler has no token
-                mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())  # over all processes
+            # one shuffle of the global kept batch, the same on every process; each process trains
+            # on its rows of each mini-batch (fillers of weight 0 even out the processes' shares)
+            shuffle_seed = hash((args.seed, step, epoch))
+            for rows, weights in common.mini_batch_parts(kept_rows, n_mini_batches, shuffle_seed):
+                train_mask = mask[rows] * weights[:, None]  # (m, T); a filler has no token
+                # the whole mini-batch's tokens and responses, over all processes
+                mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())
                 optimizer.zero_grad()
-                for part in common.micro_batches(torch.arange(len(rows), device=device), ro.widths[rows],
-                                                 args.micro_batch_size, args.micro_batch_tokens):
-                    idx, idx_mask = rows[part], train_mask[part]
-                    logp = common.response_logprobs(policy, ro.input_ids[idx], ro.attention_mask[idx], response_len,
+                positions = torch.arange(len(rows), device=device)  # into rows
+                for part in common.micro_batches(positions, ro.widths[rows], args.micro_batch_size,
+                                                 args.micro_batch_tokens):
+                    idx, idx_mask = rows[part], train_mask[part]  # (b,), (b, T)
+                    logp = common.response_logprobs(policy, ro.input_ids[idx],
+                                                    ro.attention_mask[idx], response_len,
                                                     args.temperature).logp  # (b, T)
-                    token_loss, ratio, clipped = ppo_clip_loss(logp, old_logp[idx], advantages[idx], args.clip_eps_low,
-                                                               args.clip_eps_high)
-                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP average gradients
-                    loss = world_size * aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens, n_seqs,
-                                                       args.max_new_tokens)
+                    token_loss, ratio, clipped = ppo_clip_loss(
+                        logp, old_logp[idx], advantages[idx], args.clip_eps_low, args.clip_eps_high)
+                    # this process's share of the mini-batch loss, times the processes: DDP/FSDP
+                    # average gradients
+                    mb_loss = aggregate_loss(token_loss, idx_mask, args.loss_agg, mb_tokens, n_seqs,
+                                             args.max_new_tokens)
+                    loss = world_size * mb_loss
                     loss.backward()
                     with torch.no_grad():
                         log_ratio = logp - old_logp[idx]
@@ -496,16 +559,20 @@ if __name__ == "__main__":
                     sums["grad_norm"] += grad_norm.item()
                     sums["applied_steps"] += 1
                 sums["optimizer_steps"] += 1
-        if not n_mini_batches:  # a step with no kept prompt trains nothing: its loss metrics are logged as NaN, not as 0
+        if not n_mini_batches:
+            # a step with no kept prompt trains nothing: its loss metrics are logged as NaN, not 0
             sums.update(optimizer_steps=math.nan, tokens=math.nan)
-        common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")  # global token means
+        # global token means
+        common.sum_over_processes(sums, "approx_kl", "clipfrac", "tokens")
         time_train = time.time() - train_start
 
         # TRY NOT TO MODIFY: metrics
-        with torch.no_grad():
-            centred_logp = (old_logp - common.masked_mean(old_logp, mask, all_processes=True)) * mask
-            centred_adv = (advantages - common.masked_mean(advantages, mask, all_processes=True)) * mask
-            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()  # over all processes
+        with torch.no_grad():  # the covariance of old log-probs and advantages, over all processes
+            mean_logp = common.masked_mean(old_logp, mask, all_processes=True)
+            mean_adv = common.masked_mean(advantages, mask, all_processes=True)
+            centred_logp = (old_logp - mean_logp) * mask
+            centred_adv = (advantages - mean_adv) * mask
+            cov = common.masked_mean(centred_logp * centred_adv, mask, all_processes=True).item()
         time_step = time.time() - step_start
         metrics = {
             "charts/reward_mean": rewards.mean().item(),
@@ -534,24 +601,28 @@ if __name__ == "__main__":
 
         # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
-        if args.eval_every and step % args.eval_every == 0 and step != args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples, **eval_kwargs))
-        if step == args.num_steps:
-            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples, **eval_kwargs))
+        last_step = step == args.num_steps
+        if args.eval_every and step % args.eval_every == 0 and not last_step:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples,
+                                           **eval_kwargs))
+        if last_step:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items,
+                                           args.final_eval_samples, **eval_kwargs))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
 
         # TRY NOT TO MODIFY: a few sampled completions
         if args.log_completions_every and step % args.log_completions_every == 0:
-            logger.log_completions(step, [{"prompt": task.prompt(items[i]), "response": ro.texts[b],
-                                           "reward": rewards[b].item()}
-                                          for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])])
+            samples = [{"prompt": prompts[i], "response": ro.texts[b], "reward": rewards[b].item()}
+                       for b, i in enumerate(ro.prompt_index.tolist()[: args.group_size * 2])]
+            logger.log_completions(step, samples)
 
         # ALGO LOGIC: checkpoint; with the PRM and the count of empty steps
         if args.checkpoint_every and step % args.checkpoint_every == 0:
-            common.save_checkpoint(logger.run_dir, step, {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
-                                                          "empty_steps": empty_steps},
-                                   models={"policy": (policy, optimizer), "prm": (prm, prm_optimizer)})
+            state = {"sampler": sampler.state_dict(), "skipped_steps": guard.skipped,
+                     "empty_steps": empty_steps}
+            models = {"policy": (policy, optimizer), "prm": (prm, prm_optimizer)}
+            common.save_checkpoint(logger.run_dir, step, state, models=models)
 
     # TRY NOT TO MODIFY: the trained policy
     if args.save_model:
