@@ -2,7 +2,9 @@
 
 What lives here (and nothing else, by design; advantages and losses stay in the algorithm files):
 tasks and reward verification, model/tokenizer loading, rollout, masked log-probs and entropy, pass@k evaluation,
-seeding, and the run folder / logging. See `../shared/specs/algorithms.md` §0 for the conventions.
+seeding, and the run folder / logging. Conventions every file relies on: group statistics go by
+prompt index, never position; the mask covers tokens up to and including the first EOS (pad may
+equal EOS); log-probs come from temperature-scaled fp32 logits, old_logp once per rollout (no_grad).
 """
 
 from __future__ import annotations
