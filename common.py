@@ -2,7 +2,9 @@
 
 What lives here (and nothing else, by design; advantages and losses stay in the algorithm files):
 tasks and reward verification, model/tokenizer loading, rollout, masked log-probs and entropy, pass@k evaluation,
-seeding, and the run folder / logging. See `../shared/specs/algorithms.md` §0 for the conventions.
+seeding, and the run folder / logging. Conventions every file relies on: group statistics go by
+prompt index, never position; the mask covers tokens up to and including the first EOS (pad may
+equal EOS); log-probs come from temperature-scaled fp32 logits, old_logp once per rollout (no_grad).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import atexit
 import contextlib
 import copy
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -24,8 +27,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 import weakref
-from collections import Counter
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, replace
 from fractions import Fraction
 from pathlib import Path
@@ -49,11 +53,60 @@ class TrainingStopped(Exception):
 def _excepthook(exc_type, exc, tb):
     if issubclass(exc_type, (UserInputError, TrainingStopped)):
         print(f"error: {exc}", file=sys.stderr)
+    elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: one line (rank 0's), not a traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted: {where_to_resume()}", file=sys.stderr)
     else:
         sys.__excepthook__(exc_type, exc, tb)
 
 
 sys.excepthook = _excepthook
+sys.stdout.reconfigure(line_buffering=True)  # every printed line reaches a pipe (a log file, `tee`) at once
+
+RUN_STATE: dict = {"run_dir": None, "checkpoint_step": None}
+"""The run folder and the step of its last checkpoint on disk, kept by RunLogger and save_checkpoint, for the
+one-line messages that end a run early (Ctrl-C, a full disk, non-finite weights)."""
+
+
+def where_to_resume() -> str:
+    """Where the last checkpoint of this run is and the command that continues from it (or that there is none)."""
+    run_dir, step = RUN_STATE["run_dir"], RUN_STATE["checkpoint_step"]
+    if run_dir is None:
+        return "the run had not started; nothing was written"
+    if step is None:
+        return f"no checkpoint was saved yet in {run_dir} (see --checkpoint-every); nothing to resume"
+    world = os.environ.get("WORLD_SIZE", "1")
+    launcher = f"torchrun --nproc-per-node {world}" if world != "1" else "python"
+    return f"the last checkpoint is step {step} in {run_dir}; continue with: {launcher} {sys.argv[0]} --resume {run_dir}"
+
+
+@contextlib.contextmanager
+def disk_errors(folder, *partial: Path):
+    """A failed write inside (a full disk, a folder gone read-only) becomes one line naming `folder` and the last
+    checkpoint (TrainingStopped); the `partial` files or folders it may have left are removed first."""
+    try:
+        yield
+    except OSError as exc:
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        why = "no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+        raise TrainingStopped(f"could not write to {folder}: {why}; {where_to_resume()}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+@contextlib.contextmanager
+def flag_errors():
+    """A FlagError inside becomes the line `error: --flag VALUE: why` and exit code 2 (a usage error)."""
+    try:
+        yield
+    except FlagError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -280,6 +333,8 @@ class Countdown:
     """a task evaluated beside this one and never trained on (its `eval/second_skill/*` accuracy shows forgetting)"""
     chat_tokenizer: object = None
     """set by get_task: a tokenizer with a chat template gets the natural-language question instead of the terse prompt"""
+    max_prompt_length: int | None = None
+    """set by get_task: longer prompts (in tokens of chat_tokenizer) are left out of every split, with a count"""
 
     def question(self, item: dict) -> str:
         if "expression" in item:
@@ -317,18 +372,34 @@ class Countdown:
         return _SPLITS[key]
 
     def train_items(self) -> list[dict]:
-        return self.items("train")
+        return _fitting(self, self.items("train"), "train")
 
     def eval_items(self, split: str, n: int) -> list[dict]:
         """The first `n` prompts of `split` (test or val), then the second skill's first n // 2 (subset second_skill)."""
-        items = self.items(split)[:n]
+        items = _fitting(self, self.items(split), split)[:n]
         if self.second_skill:
-            second = TASKS[self.second_skill].items(split)[: n // 2]
+            second = _fitting(self, TASKS[self.second_skill].items(split), split)[: n // 2]
             items = items + [{**item, "subset": "second_skill"} for item in second]
         return items
 
 
 _SPLITS: dict[tuple[str, str], list[dict]] = {}
+
+
+def _fitting(task, items: list[dict], split: str) -> list[dict]:
+    """The items whose prompt is at most `task.max_prompt_length` tokens; longer ones are left out, with a count."""
+    if not task.max_prompt_length or task.chat_tokenizer is None or not items:
+        return items
+    prompts = [task.prompt(item) for item in items]
+    lengths = [len(ids) for ids in task.chat_tokenizer(prompts, add_special_tokens=False).input_ids]
+    kept = [item for item, length in zip(items, lengths) if length <= task.max_prompt_length]
+    if not kept:
+        raise UserInputError(f"{task.name} ({split}): every prompt is longer than --max-prompt-length "
+                             f"{task.max_prompt_length} tokens (the longest: {max(lengths)})")
+    if len(kept) < len(items) and is_main():
+        print(f"warning: {task.name} ({split}): left out {len(items) - len(kept)} of {len(items)} prompts longer than "
+              f"--max-prompt-length {task.max_prompt_length} tokens", file=sys.stderr)
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -340,6 +411,10 @@ MAX_MATH_ANSWER_CHARS = 1000
 """Longer extracted answers get reward 0 without being parsed (bounds sympy's work off the main thread too); a gold
 answer this long makes its dataset row malformed."""
 
+MAX_RESPONSE_CHARS = 100_000
+"""The final answer is looked for in this many last characters of a response (~25k tokens: longer than any response
+length used here); a box opened before them is not seen."""
+
 _BOX_TOKENS = re.compile(r"\\boxed\s*(\{)|\\boxed\s+([^\s{}$]+)|\{|\}")
 _FINAL_PHRASE = re.compile(r"####|\banswer(?:\s+is\b|\s*:)(?![\s*:]*[A-Za-z]{2})", re.IGNORECASE)
 _INLINE_MATH = re.compile(r"\$+([^$]+)\$|\\[(\[](.+?)\\[)\]]")
@@ -348,7 +423,9 @@ _INLINE_MATH = re.compile(r"\$+([^$]+)\$|\\[(\[](.+?)\\[)\]]")
 def extract_final_answer(response: str) -> str | None:
     """The content of the last non-empty `\\boxed{...}` (nested braces allowed) or `\\boxed 5`; without one, what
     follows the last `####`, "answer is" or "answer:" (not "answer is correct"): its `$...$`, else its line up to the
-    sentence's end or first word ("72 clips." -> "72"); else None. One pass with a stack of open braces: linear time."""
+    sentence's end or first word ("72 clips." -> "72"); else None. One pass with a stack of open braces over the last
+    MAX_RESPONSE_CHARS characters: linear time, and well under a second for a hostile megabyte."""
+    response = response[-MAX_RESPONSE_CHARS:]
     stack, box = [], None  # stack: where each open brace's content starts (-1: not a box's); box: (start, end)
     for token in _BOX_TOKENS.finditer(response):
         if token.group() == "}":
@@ -404,7 +481,7 @@ def _parse_math(text: str) -> list:
     return parse("$" + re.sub(r"(?<=\d)\\,(?=\d{3}(?!\d))", "", text) + "$", parsing_timeout=MATH_TIMEOUT)
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.cache  # every gold of the loaded splits, parsed once
 def _parsed_gold(gold: str) -> list:
     """The parsed gold, once per gold string: the responses to one prompt share it (re-parsing it cost about a third
     of each check). [] when it does not parse, or when comparing it with 0 times out (`9^{9^{9^{9}}}`): every response
@@ -413,7 +490,10 @@ def _parsed_gold(gold: str) -> list:
     from math_verify import verify
     from math_verify.errors import TimeoutException
 
-    parsed = _parse_math(gold)
+    try:
+        parsed = _parse_math(gold)
+    except Exception:  # math-verify reports most failures as [], but sympy can still raise on hostile input
+        return []
     try:
         verify(parsed, sympy.Integer(0), timeout_seconds=MATH_TIMEOUT, raise_on_error=True)
     except TimeoutException:
@@ -488,6 +568,7 @@ class MathTask:
     question_field: str = "question"
     max_new_tokens: int = 512
     chat_tokenizer: object = None
+    max_prompt_length: int | None = None
 
     def question(self, item: dict) -> str:
         return f"{item['question']}\n{MATH_INSTRUCTION}"
@@ -506,7 +587,7 @@ class MathTask:
         answer, solution = row.get("answer"), row.get("solution")
         if self.name == "gsm8k":  # "... #### 1,234": an ASCII number after the last ####, else the row is malformed
             gold = answer.split("####")[-1].strip().replace(",", "") if isinstance(answer, str) and "####" in answer else ""
-            gold = gold if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", gold) else None
+            gold = gold if _plain_number(gold) else None
         elif isinstance(answer, str) and answer.strip():
             gold = answer.strip()
         else:
@@ -523,10 +604,10 @@ class MathTask:
         return rows[len(rows) - n_val:] if split == "val" else rows[: len(rows) - n_val]
 
     def train_items(self) -> list[dict]:
-        return self.items("train")
+        return _fitting(self, self.items("train"), "train")
 
     def eval_items(self, split: str, n: int) -> list[dict]:
-        return self.items(split)[:n]
+        return _fitting(self, self.items(split), split)[:n]
 
 
 def _chat_or_plain(tokenizer, question: str, plain: str) -> str:
@@ -538,38 +619,89 @@ def _chat_or_plain(tokenizer, question: str, plain: str) -> str:
 
 
 def load_rows(source: str, split: str, config: str | None = None):
-    """`datasets.load_dataset` on a hub id or a local folder, one split; every failure becomes one clear line."""
-    from datasets import load_dataset
+    """`datasets.load_dataset` on a hub id or a local folder, one split; every failure becomes one clear line, which
+    for a local folder names the file (and the line of a JSON Lines file that does not parse)."""
+    import datasets
 
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL)  # its error lines too: our one line carries the cause
     path = Path(source).expanduser()
     if path.is_file():
         raise UserInputError(f"dataset {source!r} is a single file: pass a folder with a train and a test file")
     if not path.is_dir() and not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", source):
         raise UserInputError(f"dataset folder not found: {source}")
+    if path.is_dir() and not _split_files(path, split):
+        raise UserInputError(f"dataset folder {source!r} has no {split} file ({split}.jsonl, {split}.parquet, ...)")
     try:
-        return load_dataset(str(path) if path.is_dir() else source, config, split=split)
+        return datasets.load_dataset(str(path) if path.is_dir() else source, config, split=split)
     except Exception as exc:  # datasets raises ConnectionError, FileNotFoundError, ValueError, ... depending on the cause
         hint = " (offline: pass a local path)" if not path.is_dir() else ""
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError(f"could not load the {split} split of dataset {source!r}{hint}: {first_line}") from None
+        where = path.is_dir() and next(filter(None, map(_first_bad_line, _split_files(path, split))), None)
+        raise UserInputError(f"could not load the {split} split of dataset {source!r}{hint}: "
+                             f"{where or _first_line(exc)}") from None
+
+
+def _split_files(folder: Path, split: str) -> list[Path]:
+    """The files of a local dataset folder that hold `split`, by datasets' naming (`train.jsonl`, `data/train-0.parquet`)."""
+    return sorted(file for file in folder.rglob("*") if file.is_file()
+                  and not any(part.startswith(".") for part in file.relative_to(folder).parts)
+                  and re.match(rf"{split}([-_.]|$)", file.name))
+
+
+def _first_bad_line(file: Path) -> str | None:
+    """Why `file` cannot be read as rows: empty, or (JSON Lines) its first line that is not UTF-8 or not an object."""
+    try:
+        if file.stat().st_size == 0:
+            return f"{file} is empty"
+        lines = open(file, "rb") if file.suffix == ".jsonl" else []
+    except OSError as exc:
+        return f"{file} cannot be read ({exc.strerror})"
+    for number, line in enumerate(lines, 1):
+        try:
+            if line.strip() and not isinstance(json.loads(line.decode("utf-8")), dict):
+                return f"{file}, line {number}: not a JSON object"
+        except UnicodeDecodeError:
+            return f"{file}, line {number}: bytes that are not UTF-8"
+        except ValueError as exc:
+            return f"{file}, line {number}: not valid JSON ({_first_line(exc)})"
+    return None
+
+
+def _plain_number(text: str) -> bool:
+    return re.fullmatch(r"-?[0-9]+(\.[0-9]+)?", text) is not None
 
 
 def _math_split(task: MathTask, split: str) -> list[dict]:
+    """The split's usable rows as items. Malformed rows are skipped, with one warning line naming the source and, for
+    each reason, the count and the first such row: undecodable text, no question, no final answer, or a gold answer
+    math-verify cannot parse within MATH_TIMEOUT (checked once here: responses are compared with the cached parse)."""
     key = (f"{task.name}:{task.train_source}:{task.test_source}", split)
     if key in _SPLITS:
         return _SPLITS[key]
     source = task.train_source if split == "train" else task.test_source
     rows = load_rows(source, split, task.config)
-    items, skipped = [], []
-    for index, row in enumerate(rows):
+    items, skipped = [], defaultdict(list)
+    for index in range(len(rows)):
+        try:
+            row = rows[index]
+        except UnicodeDecodeError:  # pyarrow decodes each string as it is read
+            skipped["bytes that are not UTF-8"].append(index)
+            continue
         question, gold = row.get(task.question_field), task.gold(row)
-        if isinstance(question, str) and question.strip() and gold:
-            items.append({"question": question.strip(), "gold": gold})
+        if not isinstance(question, str) or not question.strip():
+            skipped[f"no non-empty '{task.question_field}'"].append(index)
+        elif not gold:
+            skipped["no final answer"].append(index)
+        elif not _plain_number(gold) and not _parsed_gold(gold):  # plain numbers always parse, at no cost
+            skipped[f"a gold answer math-verify cannot parse or compare within {MATH_TIMEOUT} s"].append(index)
         else:
-            skipped.append(index)
+            items.append({"question": question.strip(), "gold": gold})
+    files = _split_files(Path(source).expanduser(), split) if Path(source).expanduser().is_dir() else []
+    where = str(files[0]) if len(files) == 1 else source
     if skipped:
-        print(f"warning: {source} ({split}): skipped {len(skipped)} malformed row(s), e.g. row {skipped[0]} "
-              f"(needs a non-empty '{task.question_field}' and a final answer)", file=sys.stderr)
+        reasons = "; ".join(f"{len(rows)} with {why} (e.g. row {rows[0]})" for why, rows in skipped.items())
+        print(f"warning: {where} ({split}): skipped {sum(map(len, skipped.values()))} malformed row(s): {reasons}",
+              file=sys.stderr)
     if not items:
         raise UserInputError(f"the {split} split of dataset {source!r} has no usable rows")
     _SPLITS[key] = items
@@ -586,9 +718,10 @@ TASKS = {
 }
 
 
-def get_task(name: str, dataset: str | None = None, tokenizer=None):
-    """The task `name`, reading its data from `dataset` (hub id or local folder) instead of its default source, and
-    formatting prompts with `tokenizer`'s chat template when it has one."""
+def get_task(name: str, dataset: str | None = None, tokenizer=None, max_prompt_length: int | None = None):
+    """The task `name`, reading its data from `dataset` (hub id or local folder) instead of its default source,
+    formatting prompts with `tokenizer`'s chat template when it has one, and leaving out prompts longer than
+    `max_prompt_length` tokens (with `tokenizer`)."""
     if name not in TASKS:
         raise UserInputError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}")
     task = TASKS[name]
@@ -597,7 +730,7 @@ def get_task(name: str, dataset: str | None = None, tokenizer=None):
             raise UserInputError(f"task {name} is generated, it reads no dataset; --dataset applies to gsm8k and math")
         task = replace(task, train_source=dataset, test_source=dataset,
                        config=task.config if dataset == task.train_source else None)
-    return replace(task, chat_tokenizer=tokenizer) if tokenizer is not None else task
+    return replace(task, chat_tokenizer=tokenizer, max_prompt_length=max_prompt_length) if tokenizer is not None else task
 
 
 class PromptSampler:
@@ -656,26 +789,52 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     computes in bf16 under autocast in `rollout` and `response_logprobs`; a `frozen` model (reference, never trained)
     is stored in bf16. On the CPU everything stays fp32. `gradient_checkpointing` recomputes each layer's activations
     in the backward pass (less memory, about a third more compute)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars in run logs
     path = resolve_model_path(name)
     low_precision = bf16 and torch.device(device).type == "cuda"
+    local = Path(path).is_dir()
+    if local and not (Path(path) / "config.json").is_file():
+        raise UserInputError(f"model folder {name!r} has no config.json: not a saved model")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # OSError (missing files, offline hub), ValueError (unknown model type), ...
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc)
+        hint = " (offline: pass a local path)" if offline and not local else ""
+        raise UserInputError(f"could not load model {name!r}{hint}: {_first_line(exc)}") from None
+    architectures = config.architectures or []
+    if config.is_encoder_decoder or not all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UserInputError(f"model {name!r} is not a causal (decoder-only) language model: "
+                             f"{', '.join(architectures) or config.model_type}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
+        usable = len(tokenizer("1 + 2 = 3", add_special_tokens=False).input_ids) > 0
+    except Exception as exc:  # no tokenizer files: transformers tries to convert a slow tokenizer and fails
+        files = local and not any(Path(path).glob("tokenizer*")) and not any(Path(path).glob("*.model"))
+        why = "the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)" if files else _first_line(exc)
+        raise UserInputError(f"model {name!r} has no usable tokenizer: {why}") from None
+    if not usable:
+        raise UserInputError(f"model {name!r} has no usable tokenizer: it encodes text to no tokens")
+    try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if low_precision and frozen else torch.float32)
-    except OSError as exc:
-        hint = " (offline: pass a local path)" if os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc) else ""
-        raise UserInputError(f"could not load model {name!r}{hint}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # a truncated or corrupt weights file, missing weights, a config the class rejects
+        raise UserInputError(f"could not read the weights of model {name!r}: {_first_line(exc)}") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserInputError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                             f"{rows} rows (vocab_size); the tokenizer does not belong to these weights")
     disable_dropout(model)
     tokenizer.padding_side = "left"
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     eos = model.generation_config.eos_token_id
     if eos is None:
         eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserInputError(f"model {name!r} has no end-of-sequence token (eos_token_id in its generation_config.json, "
+                             "config.json or tokenizer): responses could never end")
+    if tokenizer.pad_token_id is None:  # pad with EOS: the response mask ends at the first EOS anyway
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos[0] if isinstance(eos, list) else eos)
     model.base_generation_config = model.generation_config
     model.generation_config = GenerationConfig(
         eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=model.generation_config.bos_token_id
@@ -684,6 +843,29 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
     if gradient_checkpointing and not frozen:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device), tokenizer
+
+
+def position_limit(model) -> int | None:
+    """The longest sequence (prompt + response) the model's config allows, or None when it states no limit."""
+    config = unwrap(model).config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
+
+
+def check_position_limit(model, args) -> int | None:
+    """`args.max_prompt_length`, or by default the model's position limit minus `args.max_new_tokens` (None: no
+    limit); a prompt + response budget over the model's limit is one line (FlagError, exit 2) before training."""
+    limit = position_limit(model)
+    with flag_errors():
+        if limit is not None and args.max_new_tokens >= limit:
+            raise FlagError("max_new_tokens", args.max_new_tokens, f"leaves no room for a prompt: the model's position "
+                            f"limit is {limit} tokens")
+        if limit is not None and args.max_prompt_length and args.max_prompt_length + args.max_new_tokens > limit:
+            raise FlagError("max_prompt_length", args.max_prompt_length, f"+ --max-new-tokens {args.max_new_tokens} "
+                            f"exceeds the model's position limit of {limit} tokens")
+    return args.max_prompt_length or (limit - args.max_new_tokens if limit is not None else None)
 
 
 def disable_dropout(model) -> None:
@@ -989,6 +1171,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
+PROGRESS_SECONDS = 10.0
+"""Evaluations print a progress line (rank 0) at most this often: a long evaluation is not silence."""
+_LAST_PROGRESS = [0.0]
+
+
+def _progress(what: str, done: int, total: int, began: float) -> None:
+    now = time.time()
+    if is_main() and now - _LAST_PROGRESS[0] >= PROGRESS_SECONDS:
+        _LAST_PROGRESS[0] = now
+        print(f"{what}: {done}/{total} prompts ({now - began:.0f} s)", flush=True)
+
+
 def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperature: float, max_new_tokens: int,
              top_p: float = 1.0, top_k: int = 0, batch_size: int = 1024, backend: str = "generate") -> dict:
     """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt at `temperature` (mean@n),
@@ -1000,10 +1194,11 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
     prompts and all return the same metrics."""
     mine, n_mine, _ = padded_share(items)
     prompts = [task.prompt(item) for item in mine]
-    greedy_correct = []
+    greedy_correct, began = [], time.time()
     for start in range(0, len(mine), batch_size):
         ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, max_new_tokens, greedy=True, backend=backend)
         greedy_correct += [task.verify(item, text)[0] for item, text in zip(mine[start:start + batch_size], ro.texts)]
+        _progress("evaluating, greedy", len(greedy_correct), len(mine), began)
     greedy_correct = gather_lists(greedy_correct[:n_mine])
     correct_counts, distinct = [], []
     per_prompt = max(1, batch_size // max(1, n_samples))
@@ -1016,6 +1211,7 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
             correct = [text for text in texts if task.verify(item, text)[0]]
             correct_counts.append(len(correct))
             distinct.append(len({task.answer_key(text) for text in correct}))
+        _progress(f"evaluating, {n_samples} samples each", len(correct_counts), len(mine), began)
     correct_counts, distinct = gather_lists(correct_counts[:n_mine]), gather_lists(distinct[:n_mine])
 
     subsets = {"": [i for i, item in enumerate(items) if item.get("subset") != "second_skill"]}
@@ -1090,6 +1286,7 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of every script's Ar
     "log_completions_every": _NEVER_0, "checkpoint_every": _NEVER_0,
     "eval_every": _rule(lambda v: v >= 0, "must be >= 0 (0: only before the first and after the last step)"),
     "max_new_tokens": _rule(lambda v: v >= 1, "must be >= 1 (leave it out for the task's own length)"),
+    "max_prompt_length": _rule(lambda v: v >= 1, "must be >= 1 (leave it out for the model's limit)"),
     "temperature": _rule(lambda v: 0 < v <= 100, "must be in (0, 100]", finite=True),
     "top_p": _SHARE, "top_k": _rule(lambda v: v >= 0, "must be >= 0 (0: off)"),
     "eval_prompts": _AT_LEAST_1, "eval_samples": _rule(lambda v: v >= 0, "must be >= 0 (0: greedy only)"),
@@ -1137,7 +1334,7 @@ def check_flags(args) -> None:
 def check_shared_args(args) -> None:
     """Every flag in its range (FLAG_RULES) and the shared combinations, in one line `error: --flag VALUE: why` and
     exit code 2, before any model loads; sets `args.max_new_tokens` to the task's own response length unless given."""
-    try:
+    with flag_errors():
         check_flags(args)
         if args.task not in TASKS:
             raise FlagError("task", args.task, f"unknown task; choose one of: {', '.join(TASKS)}")
@@ -1147,9 +1344,6 @@ def check_shared_args(args) -> None:
                             f"{args.max_new_tokens} response tokens")
         if args.fsdp and args.rollout == "continuous":
             raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); use generate or static")
-    except FlagError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
     check_memory(args)  # a one-line warning on a GPU the run will not fit
 
 
@@ -1444,11 +1638,12 @@ def save_pretrained(model, tokenizer, path: Path, dtype: str = "auto") -> None:
             copies[id(tensor)] = full.detach().to("cpu", cast) if is_main() else None
         weights[name] = copies[id(tensor)]
     if is_main():
-        hf.save_pretrained(path, state_dict=weights)
-        hf.config.dtype = dtype  # save_pretrained recorded the training weights' dtype
-        hf.config.save_pretrained(path)
-        getattr(hf, "base_generation_config", hf.generation_config).save_pretrained(path)
-        tokenizer.save_pretrained(path)
+        with disk_errors(path.parent, path):  # a partly written model folder is removed
+            hf.save_pretrained(path, state_dict=weights)
+            hf.config.dtype = dtype  # save_pretrained recorded the training weights' dtype
+            hf.config.save_pretrained(path)
+            getattr(hf, "base_generation_config", hf.generation_config).save_pretrained(path)
+            tokenizer.save_pretrained(path)
         print(f"model saved to {path}")
 
 
@@ -1545,21 +1740,24 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, models: dict | None =
         if is_main() and shards.exists():
             shutil.rmtree(shards)  # left by a save that was killed
         torch.distributed.barrier()
-        dcp.save(_shards(models), checkpoint_id=shards)  # returns once every process's file and the index are written
+        with disk_errors(run_dir, shards):
+            dcp.save(_shards(models), checkpoint_id=shards)  # returns once every process's file and the index are written
         state["shards"] = shards.name
     else:
         for name, (model, optimizer) in (models or {}).items():
             state[name], state[_optimizer_key(name)] = full_state_dicts(model, optimizer)
     path = run_dir / CHECKPOINT_FILE
     if not is_main():
+        RUN_STATE["checkpoint_step"] = step
         return path
     tmp = path.with_suffix(".tmp")
     content = {"script": _script(), "step": step, "rng": states[0], "rng_per_process": states, **state}
-    with open(tmp, "wb") as f:
+    with disk_errors(run_dir, tmp), open(tmp, "wb") as f:
         torch.save({**content, "sha256": _digest(content).hexdigest()}, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    RUN_STATE["checkpoint_step"] = step
     for folder in run_dir.glob("checkpoint-*"):
         if folder.is_dir() and folder.name != state.get("shards"):
             shutil.rmtree(folder)
@@ -1686,7 +1884,7 @@ class NonFiniteGuard:
         steps = [s["step"] for s in optimizer.state.values() if "step" in s]
         at = f"optimizer step {int(steps[0])}" if steps else "an optimizer step"
         raise TrainingStopped(f"the weights are not finite after {at} (learning rate {optimizer.param_groups[0]['lr']}"
-                              " too large?); stopping: the last checkpoint in the run folder is the last good state")
+                              f" too large?); stopping before they are saved: {where_to_resume()}")
 
     def step_ok(self, grad_norm: torch.Tensor) -> bool:
         if torch.isfinite(grad_norm):
@@ -1696,7 +1894,7 @@ class NonFiniteGuard:
         self.in_a_row += 1
         if self.in_a_row >= self.patience:
             raise TrainingStopped(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or gradient; "
-                                  "stopping (the last checkpoint is intact)")
+                                  f"stopping: {where_to_resume()}")
         return False
 
 
@@ -1717,6 +1915,7 @@ class RunLogger:
             if args.num_steps < resume_step:
                 raise UserInputError(f"--num-steps {args.num_steps} is below the run's checkpoint (step "
                                      f"{resume_step}); a resumed run can only go on")
+        RUN_STATE.update(run_dir=self.run_dir, checkpoint_step=resume_step)
         if not self.enabled:
             return
         self.config = asdict(args)
@@ -1740,15 +1939,16 @@ class RunLogger:
             return
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
-        self.metrics_file.write(json.dumps(record) + "\n")
-        self.metrics_file.flush()
+        with disk_errors(self.run_dir):  # a torn last line is dropped on resume (_record_step)
+            self.metrics_file.write(json.dumps(record) + "\n")
+            self.metrics_file.flush()
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
 
     def log_completions(self, step: int, rows: list[dict]) -> None:
         if not self.enabled:
             return
-        with open(self.run_dir / "completions.jsonl", "a") as f:
+        with disk_errors(self.run_dir), open(self.run_dir / "completions.jsonl", "a") as f:
             for row in rows:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
@@ -1781,7 +1981,7 @@ def _new_run_dir(output_dir: Path, name: str) -> str:
 def atomic_write(path: Path, text: str) -> None:
     """Replace `path` with `text` all at once: a kill at any moment leaves either the old file or the new one."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
+    with disk_errors(path.parent, tmp), open(tmp, "w") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -1,47 +1,40 @@
-# docs and experiment results can be found at README.md#clip-cov
-"""Clip-Cov: GRPO whose gradient is cut on a few random high-covariance tokens, to keep the policy's entropy up.
+# docs and experiment results can be found at README.md#clip-cov-and-kl-cov
+"""Clip-Cov: GRPO with the gradient cut on a few random high-covariance tokens, to keep entropy up.
 
-Paper: "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", Cui et al. 2025,
-arXiv:2505.22617 (section 5, Clip-Cov; reference code PRIME-RL/Entropy-Mechanism-of-RL, verl `clip_cov`).
+Paper: "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", Cui et al.
+2025, arXiv:2505.22617 (section 5; code PRIME-RL/Entropy-Mechanism-of-RL, verl's `clip_cov`).
 
-Objective, for the N valid tokens i of one mini-batch (GRPO advantages A_i, r_i = exp(logp_i - old_logp_i)):
-    cov_i = (A_i - mean_m A) (logp_i - mean_m logp)                   (detached; the entropy change is ~ -Cov)
-    I_clip = k tokens drawn uniformly from {i : w_low < cov_i < w_high, not PPO-clipped},  k = max(int(r N), 1)
-    L_i = 0 (and no gradient) for i in I_clip, else max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps))
-    loss = sum_i L_i / N                                              (I_clip still counts in the denominator)
+For the N valid tokens i of one mini-batch (GRPO advantages A_i, r_i = exp(logp_i - old_logp_i)):
+    cov_i = (A_i - mean_m A) (logp_i - mean_m logp)       (detached; the entropy change is ~ -Cov)
+    I_clip = k tokens drawn uniformly from {i : w_low < cov_i < w_high, not PPO-clipped}
+    k = max(int(r N), 1)
+    L_i = 0 (no gradient) for i in I_clip, else max(-A_i r_i, -A_i clip(r_i, 1 - eps, 1 + eps))
+    loss = sum_i L_i / N                                  (I_clip still counts in the denominator)
 
 Implementation details:
-1. Rewards, groups, advantages, mask, log-probs and aggregation are GRPO's (see grpo.py): std-normalised group
-   advantages broadcast to the valid tokens, old_logp frozen per rollout, token-mean by default, no KL.
-2. Selection is over the whole mini-batch, as the spec asks (the authors select per GPU micro-batch, an
-   approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
-   over the mini-batch gives its detached logp; the covariance, the PPO-clipped tokens and the selected set come from
-   it, then the usual micro-batched forward/backward applies the selection. The extra pass costs one forward per
-   mini-batch; memory stays bounded by micro_batch_size. The pass runs in the gradient pass's micro-batches, so the
-   two see bit-identical log-probs.
-3. The covariance uses masked means over the mini-batch's valid tokens only; padding gets cov 0 and is never a
-   candidate. Candidates are strictly inside (w_low, w_high); tokens the PPO clamp already clips are excluded.
-4. Selected tokens get zero loss through `torch.where` (so exactly zero gradient, as the code's detach) and stay in
-   the token-mean denominator; k = min(max(int(r N), 1), #candidates). The draw uses a generator seeded by (seed,
-   step, epoch, mini-batch), the same on every process.
-   Under torchrun the means, N and the candidates are those of the whole mini-batch over all processes: rank 0 draws
-   from all candidates (in rank order) and every process cuts its own, as one process on the whole batch would.
-5. PPO eps_low = eps_high = 1 (ratio clamp [0, 2]): the authors keep the PPO clamp only as a guard against extreme
-   ratios; Clip-Cov does the clipping. losses/clipfrac is the PPO clamp's share, losses/clip_cov_selected the
-   number of tokens Clip-Cov selects per optimizer step (a count, averaged over the step's optimizer steps).
-6. Mini-batches: one per rollout, as grpo.py. Clip-Cov acts on-policy (it removes gradient directly, unlike KL-Cov),
-   and in the seed-1 tuning four mini-batches per rollout kept the entropy lower than one, with lower accuracy
-   (benchmarks/results/clip_kl_cov.md).
-7. losses/cov is the rollout-level covariance over old_logp, the same metric as every file; the per-token cov of the
-   selection is over the mini-batch and the current logp (identical on the first mini-batch of a rollout).
+1. Rewards, groups, advantages, mask, log-probs and aggregation are grpo.py's (std-normalised group
+   advantages, old_logp frozen per rollout, token-mean by default), with no KL.
+2. Selection is over the whole mini-batch, so that the update does not depend on how the batch is
+   cut into micro-batches or processes (the authors select per GPU micro-batch). Before the gradient
+   pass, one no-grad pass of the current policy over the mini-batch, in the same micro-batches (so
+   bit-identical log-probs), gives the detached logp for the covariance, the PPO-clipped tokens and
+   the selection: one extra forward per mini-batch; memory stays bounded by micro_batch_size.
+3. The covariance's means are over valid tokens; padding gets cov 0 and is never a candidate.
+   Candidates lie strictly inside (w_low, w_high); tokens the PPO clamp already clips are excluded.
+4. Selected tokens get zero loss through `torch.where` (exactly zero gradient, as the code's detach)
+   and stay in the denominator; k = min(max(int(r N), 1), #candidates), drawn with a generator
+   seeded by (seed, step, epoch, mini-batch). Under torchrun the means, N and the candidates are the
+   whole mini-batch's: rank 0 draws from all candidates (in rank order), each process cuts its own.
+5. PPO eps_low = eps_high = 1 (ratio clamp [0, 2]): as in the authors' code the clamp only guards
+   against extreme ratios; Clip-Cov does the clipping. losses/clipfrac is the clamp's share,
+   losses/clip_cov_selected the tokens selected per optimizer step (averaged over the step's).
+6. One mini-batch per rollout, as grpo.py: Clip-Cov removes gradient on-policy (unlike KL-Cov), and
+   in the seed-1 tuning four mini-batches kept the entropy lower than one, with lower accuracy.
+7. losses/cov is the rollout-level covariance over old_logp, as in every file; the selection's cov
+   is over the mini-batch and the current logp (the same on a rollout's first mini-batch).
 
-Defaults were tuned on the previous embedded task (3-number countdown answered with one expression: about 1,000
-valid tokens per rollout, of which ~20 had a covariance in (1, 5); step answers now give about twice as many). The
-paper's r = 2e-4 selected max(int(0.2), 1) = 1 token per step there, which changed nothing measurable; tuned: r =
-0.02 (k = 20, so most steps cut nearly every candidate), bounds kept at the paper's (1, 5)
-(benchmarks/results/clip_kl_cov.md lists what was tried). Paper/real-model defaults: clip_cov_ratio 2e-4,
-clip_cov_lb 1.0, clip_cov_ub 5.0, PPO eps 1.0, learning_rate 1e-6 (verl recipe; 5e-7 for the original 7B), 256
-prompts x 8 samples with 8 mini-batches per rollout, DAPO dynamic sampling, max response 8192 tokens, grad clip 1.0.
+Defaults (--clip-cov-ratio 0.02, 100x the paper's, tuned on the previous embedded task) and the
+paper's settings: benchmarks/results/clip_kl_cov.md.
 """
 
 import os
@@ -98,6 +91,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -269,7 +264,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

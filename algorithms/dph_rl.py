@@ -1,55 +1,43 @@
 # docs and experiment results can be found at README.md#dph-rl
-"""DPH-RL: Diversity-Preserving Hybrid RL with mass-covering f-divergences (rehearsal of the base model's successes).
+"""DPH-RL: Diversity-Preserving Hybrid RL, f-divergence rehearsal of the base model's successes.
 
-Paper: "The Choice of Divergence: A Neglected Key to Mitigating Diversity Collapse in Reinforcement Learning with
-Verifiable Reward", Li et al. 2025, arXiv:2509.07430.
-Before training, the initial policy pi0 samples k responses per training prompt; prompts solved k/k form the rehearsal
-set D_pef (their correct responses y and token log-probs logp0 are stored), the rest the exploration set D_exp:
-    L = L_exp + eta L_pef,  L_exp = GRPO with clip-higher on D_exp prompts (no KL),
-    L_pef = token-mean over stored (x, y) of f(u_t),  u_t = exp(logp_theta(y_t) - logp0(y_t))   (log-ratio clamped to +-20)
-    f(u) = u log u - (u + 1) log((u + 1) / 2)                       (js, DPH-JS; eta 0.05-0.2)
-    f(u) = u - log u - 1                                            (forward-kl, KL(pi0 || pi), DPH-F; eta 0.01-0.05)
-    f(u) = (u^(1-alpha) - (1-alpha) u - alpha) / (alpha (alpha-1))  (alpha, 0 < alpha < 1, default 0.2; eta 0.01-0.05)
-f convex, f(1) = f'(1) = 0: the rehearsal term is an f-divergence D_f(pi || pi0) = E_pi0[f(u)] estimated on pi0's own
-samples, so it needs no online reference model. The alpha generator tends to u log u - u + 1 (reverse KL(pi || pi0)) as
-alpha -> 0 and to forward-kl's as alpha -> 1; f'(u) = (1 - u^-alpha) / alpha, f''(u) = u^(-alpha-1) > 0.
-Baseline --divergence reverse-kl: GRPO + eta k3 KL(pi || pi0) on the RL tokens, online reference.
+Paper: "The Choice of Divergence: A Neglected Key to Mitigating Diversity Collapse in Reinforcement
+Learning with Verifiable Reward", Li et al. 2025, arXiv:2509.07430.
+Before training the initial policy pi0 samples k responses per training prompt; prompts solved k/k
+form the rehearsal set D_pef (correct responses y and their token log-probs logp0 are stored), the
+others the exploration set D_exp. With u_t = exp(logp_theta(y_t) - logp0(y_t)):
+    L = L_exp + eta L_pef,  L_exp = GRPO on D_exp prompts,  L_pef = token-mean over D_pef of f(u_t)
+    js          f(u) = u log u - (u + 1) log((u + 1) / 2)                   eta 0.05-0.2
+    forward-kl  f(u) = u - log u - 1,  D_f = KL(pi0 || pi)                  eta 0.01-0.05
+    alpha       f(u) = (u^(1-a) - (1-a) u - a) / (a (a-1)),  a in (0, 1)    eta 0.01-0.05
+f is convex with f(1) = f'(1) = 0, so L_pef estimates D_f(pi || pi0) = E_pi0[f(u)] on pi0's own
+samples: no online reference model is needed.
 
 Implementation details:
-1. Pre-pass: the first --pool-prompts training prompts, presample_k samples each (the rollout temperature / top_p /
-   top_k, default 1.0 / 1.0 / off), progress printed. A prompt with >= rehearsal_threshold (default k) correct goes to
-   D_pef, every other prompt (all-wrong ones included) to D_exp; RL prompts are drawn only from D_exp. The paper
-   regenerates 16 samples per D_pef prompt and keeps the correct ones; we store the pre-pass's own correct samples
-   (k per D_pef prompt with the k/k rule), which are draws from the same pi0. The default pool of 2,000 prompts
-   (16k sequences, about 20 s on 2 cores) keeps the run within ~1.5x GRPO's time; with ~97% of it in D_exp, the
-   3,200 prompt draws of 200 steps pass over D_exp less than twice.
-2. Stored responses are re-padded to one layout (prompt left-padded to the longest, response to max_new_tokens) and
-   their logp0 computed once under no_grad in that layout, so u = 1 exactly before the first update.
-3. Every optimizer step adds one batch of rehearsal_batch_size stored responses, cycled in a seeded shuffled order
-   (no new samples: the 128 sampled responses per step are all RL data). L_exp and L_pef are each a token-mean over
-   their own tokens; logp0 is a constant, the gradient flows only through logp_theta.
-4. Clamps. forward-kl matches the authors' code (verl's low_var_kl with swapped arguments): besides the +-20 log-ratio
-   clamp, f is capped at 10, so a token with u outside (1.67e-5, 13.6) (log-ratio outside (-11.0, 2.61)) gets no
-   gradient. The paper's DPH-F numbers come from that code, and the cap keeps one runaway token from dominating the
-   token-mean, at the price of no longer pulling back a token the policy has moved that far. js and alpha have no cap
-   (the authors' code clamps neither); their log-ratio is clamped to +-20 too, so only |log-ratio| > 20 loses its
-   gradient.
-5. GRPO part as grpo.py: group std advantages by prompt index, PPO clip 0.2 / 0.28 (clip-higher), token-mean. The
-   authors' dual-clip (c = 3) is not used. An empty D_pef (tiny pools) trains on L_exp alone, with a warning.
-6. reverse-kl skips the pre-pass (no rehearsal set): RL prompts come from the whole training split and eta weighs the
-   k3 KL per token in the loss, as grpo.py --beta.
-7. losses/entropy, losses/cov, approx_kl, clipfrac are those of the RL batch (as in grpo.py).
-8. The checkpoint holds the rehearsal set (with its logp0), the exploration prompts and the rehearsal order, so
-   --resume skips the pre-pass (which needs the initial model) and continues exactly.
+1. Pre-pass: presample_k samples (the rollout's temperature / top_p / top_k) for each of the first
+   --pool-prompts training prompts; >= rehearsal_threshold (default k) correct puts a prompt in
+   D_pef, any other (all-wrong too) in D_exp, the only RL prompts. The paper regenerates 16 samples
+   per D_pef prompt and keeps the correct ones; we store the pre-pass's own (same pi0).
+2. Stored responses are re-padded to one layout and their logp0 computed once in it (no_grad), so
+   u = 1 exactly before the first update. Every optimizer step adds rehearsal_batch_size of them, in
+   a seeded shuffled cycle (the 128 sampled responses are all RL data). L_exp and L_pef are each a
+   token-mean over their own tokens; the gradient flows only through logp_theta.
+3. The log-ratio is clamped to +-20. forward-kl also caps f at 10, as the authors' code (verl's
+   low_var_kl, arguments swapped) whose DPH-F results the paper reports: a token with u outside
+   (1.67e-5, 13.6) gets no gradient, so one runaway token cannot dominate the token-mean, at the
+   price of not being pulled back. js and alpha have no cap (nor in that code).
+4. The GRPO part is grpo.py's with clip 0.2 / 0.28 (clip-higher), no KL, no dual-clip (the
+   authors' c = 3); losses/entropy, cov, approx_kl and clipfrac are the RL batch's. An empty D_pef
+   trains on L_exp alone, with a warning. Baseline --divergence reverse-kl: no pre-pass, RL prompts
+   from the whole split, eta weighs a k3 KL(pi || pi0) per RL token (online reference, as --beta).
+5. The checkpoint holds D_pef (with logp0), D_exp and the rehearsal order: --resume skips the
+   pre-pass (which needs the initial model) and continues exactly.
+6. Under torchrun the processes split the pre-pass and gather its verdicts (all hold the same D_pef
+   and D_exp), split each step's RL and rehearsal rows, and divide L_exp and L_pef by token counts
+   summed over all processes.
 
-Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; see
-benchmarks/results/dph_rl_rover.md). Paper/code defaults: eta 0.2 for js (0.05-0.2), 0.01-0.05 for forward-kl and
-alpha (the default eta 0.2 is js's: pass --eta with the others), alpha 0.2; k = 8 and the k/k threshold; clip
-0.2 / 0.28; lr 1e-6; top_p 0.9-0.95 in the authors' sampling (1.0 here, so that logp0 is the sampling distribution);
-all training prompts pre-sampled (--pool-prompts 10000 here).  Under torchrun: each
-process pre-samples its share of the pool and all gather the verdicts, so every process holds the same D_pef and
-D_exp; every optimizer step's RL and rehearsal rows are split over the processes and L_exp and L_pef divide by their
-token counts summed over all processes (token-means over the global batches).
+Defaults (tuned on the previous embedded task; --eta 0.2 is js's), the paper's settings and the
+alpha generator's limits: benchmarks/results/dph_rl_rover.md.
 """
 
 import math
@@ -107,6 +95,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -385,7 +375,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

@@ -1,49 +1,40 @@
 # docs and experiment results can be found at README.md#em-rl
-"""EM-RL: reinforcement learning whose only reward is the policy's own certainty (no labels), with EM-FT as a flag.
+"""EM-RL: RL whose only reward is the policy's own certainty (no labels), with EM-FT as a flag.
 
-Paper: "The Unreasonable Effectiveness of Entropy Minimization in LLM Reasoning", Agarwal, Zhang, Yuan, Han, Peng 2025,
-arXiv:2505.15134.
+Paper: "The Unreasonable Effectiveness of Entropy Minimization in LLM Reasoning", Agarwal, Zhang,
+Yuan, Han, Peng 2025, arXiv:2505.15134.
 
-Objective, for response i of group g (n responses to one prompt, sampled by pi_old) and its valid tokens t:
-    r_i = -mean_t H(pi_old(.|x, y_<t))   (--reward-type token)     or   r_i = mean_t log pi_old(y_t|x, y_<t)   (sequence)
-    A_i = r_i - mean_{j in g, j != i} r_j                            (RLOO, no std)
-    L_t = max(-A_i rho_t, -A_i clip(rho_t, 1 - eps, 1 + eps)) + beta * k3_t,   rho_t = exp(logp_t - old_logp_t)
-    EM-FT (--method em-ft): L_t = H(pi_theta(.|x, y_<t)) + beta * k3_t, on self-sampled responses; loss = token-mean(L)
+For response i of group g (n responses to one prompt, sampled by pi_old) and its valid tokens t:
+    r_i = -mean_t H(pi_old(.|x, y_<t))          (--reward-type token)
+    r_i = mean_t log pi_old(y_t|x, y_<t)         (--reward-type sequence)
+    A_i = r_i - mean_{j in g, j != i} r_j        (RLOO, no std);   rho_t = exp(logp_t - old_logp_t)
+    L_t = max(-A_i rho_t, -A_i clip(rho_t, 1 - eps, 1 + eps)) + beta k3_t
+    EM-FT (--method em-ft): L_t = H(pi_theta(.|x, y_<t)) + beta k3_t;   loss = token-mean(L)
 
 Implementation details:
-1. No labels reach the training signal. The rewards are computed from the sampling policy's token statistics (old.logp,
-   old.entropy: full-vocabulary entropy of temperature-scaled fp32 logits) in the no-grad pass right after generation;
-   the reward, advantage and loss functions never see the task items or the verifier's verdicts, which are only
-   logged (charts/accuracy, tested by a run whose gold answers are garbage: identical losses and parameters).
-2. The reward is the mean over valid tokens (the released code); --reward-norm sum gives the paper's Eq. 3-4 sums,
-   which favour short responses because every term has a fixed sign.
-3. RLOO advantage A_i = n/(n-1) (r_i - mean_g r), groups formed by prompt index; broadcast to every valid token.
-4. PPO clip 0.2, token-mean, plus beta * k3 KL to the frozen initial model in the loss (beta 0.001; low_var_kl).
-   The released code also clamps each k3 value to +-10; left out, as spec section 0 defines k3 without it (it acts
-   only on sampled tokens that the policy finds over 13 times less likely than the reference: exp(d) - d - 1 > 10).
-5. --entropy-coef is the released config's entropy bonus (loss -= coef * token-mean entropy). The released runs kept
-   verl's default 0.001 on, pulling against the EM reward; the default here is 0, as the spec decides.
-6. EM-FT (--method em-ft; paper only, no released code): minimise the token-mean entropy of the current policy along
-   self-sampled responses, gradient through the entropy at every position (sampled tokens are only context). The
-   paper's main runs use one sample per prompt (--prompts-per-step 128 --group-size 1). For losses/cov, EM-FT's token
-   advantage is the policy-gradient weight of -H on the sampled token, logp_t + H_t (E_a[(log pi_a + H) grad log pi_a]
-   = -grad H).
-7. 128 responses per step as GRPO's benchmark, grouped as the paper's n = 4: 32 prompts x 4.
-8. Not implemented: EM-INF (inference-time logit optimisation); it changes decoding, not training, and would need its
-   own sampling loop in this file.
-9. Under torchrun each process holds whole groups: rewards and RLOO advantages are per response and per group (local);
-   the mini-batches are one shuffle of the global batch, the same on every process, and the loss denominators
-   (tokens, sequences) are the whole mini-batch's, summed over the processes (tested on this script).
+1. No labels reach the training signal: rewards come from the sampling policy's token statistics
+   (old.logp, old.entropy: full vocabulary, fp32) after generation; the verifier's verdicts are only
+   logged (charts/accuracy; tested: garbage gold answers give identical losses and parameters).
+2. The reward is the mean over valid tokens (the released code); --reward-norm sum gives the paper's
+   Eq. 3-4 sums, which favour short responses because every term has a fixed sign.
+3. RLOO advantage A_i = n/(n-1) (r_i - mean_g r), groups by prompt index, on every valid token.
+4. PPO clip 0.2, token-mean, + beta k3 KL to the frozen initial model (beta 0.001; low_var_kl),
+   without the released code's clamp of k3 to +-10, so that k3 is the same in every file (the clamp
+   acts only on tokens the policy finds over 13x less likely than the reference).
+5. --entropy-coef: the released config's bonus (loss -= coef * token-mean entropy), left at verl's
+   0.001 in the released runs though it pulls against the EM reward; 0 here, so that the EM reward
+   is the only training signal.
+6. EM-FT (paper only, no released code) minimises the token-mean entropy along self-samples, the
+   gradient through the entropy at every position (tokens are only context; the paper's main runs:
+   --prompts-per-step 128 --group-size 1). Its losses/cov advantage is logp_t + H_t, the weight of
+   -H's policy gradient: E_a[(log pi_a + H) grad log pi_a] = -grad H.
+7. 128 responses per step as GRPO's, as 32 prompts x the paper's n = 4. Not implemented: EM-INF
+   (inference-time logit optimisation), which changes decoding, not training.
+8. Under torchrun each process holds whole groups (rewards and RLOO advantages are local); the
+   mini-batches are one shuffle of the global batch and the loss denominators count all processes.
 
-Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers;
-benchmarks/results/em_rl.md): --reward-type sequence (the paper's best is token) and learning_rate 3e-5, 32 prompts
-x 4. On that task's base model the token-entropy reward did not rank a prompt's correct answers above its wrong ones
-(0.50 of such pairs, against 0.69 for the sequence reward), and at GRPO's 1e-4 it collapsed the model onto
-confident, prompt-independent wrong answers. The current base model ranks 0.70 (token) and 0.78 (sequence) of such
-pairs right (benchmarks/tiny-countdown/build_metrics.json). Paper/released-code defaults: --reward-type token,
-learning_rate 1e-6 (AdamW, constant), n = 4, 512 prompts (2048 responses) per rollout split into 4 mini-batches of
-128 prompts, 1 epoch, clip 0.2, beta 0.001 (k3 in the loss), entropy_coef 0.001 (by accident), grad clip 1.0,
-temperature 1.0, max response 3072, about 100 steps with early stopping; EM-FT about 40 steps.
+Defaults (--reward-type sequence, learning rate 3e-5, tuned on the previous embedded task) and the
+paper's settings: benchmarks/results/em_rl.md.
 """
 
 import os
@@ -100,6 +91,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -261,7 +254,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

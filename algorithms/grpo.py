@@ -1,44 +1,38 @@
 # docs and experiment results can be found at README.md#grpo
 """GRPO: Group Relative Policy Optimization, with the Dr. GRPO and DAPO switches.
 
-Paper: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", Shao et al. 2024,
-arXiv:2402.03300. Variants: "Understanding R1-Zero-Like Training: A Critical Perspective" (Dr. GRPO, arXiv:2503.20783)
-and "DAPO: An Open-Source LLM Reinforcement Learning System at Scale" (arXiv:2503.14476).
+Paper: "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models", Shao et
+al. 2024, arXiv:2402.03300. Switches from Dr. GRPO (arXiv:2503.20783) and DAPO (arXiv:2503.14476).
 
-Objective, for response i of group g (the G responses to one prompt) and its valid tokens t:
-    A_i = (s_i - mean_g s) / (std_g s + 1e-6)                       (--no-scale-rewards: s_i - mean_g s)
-    r_t = exp(logp_t - old_logp_t)
-    L_t = max(-A_i r_t, -A_i clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * k3_t,   k3_t = exp(d_t) - d_t - 1,
-          d_t = ref_logp_t - logp_t
-    loss = agg(L, mask) with agg = token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
+For response i of group g (the G responses to one prompt) and its valid tokens t:
+    A_i = (s_i - mean_g s) / (std_g s + 1e-6)                   (--no-scale-rewards: s_i - mean_g s)
+    r_t = exp(logp_t - old_logp_t),   d_t = ref_logp_t - logp_t,   k3_t = exp(d_t) - d_t - 1
+    L_t = max(-A_i r_t, -A_i clip(r_t, 1 - eps_low, 1 + eps_high)) + beta * k3_t
+    loss = agg(L, mask),   agg = token-mean | seq-mean-token-mean | seq-mean-token-sum-norm
 
 Implementation details:
-1. Rewards are 1/0 from the task's verifier (unparseable answers get 0 and are counted in charts/unparseable_frac).
-2. Groups are formed by the prompt index of every response, never by position; std is the unbiased one, so a group
-   {1, 0, 0, 0} gives A = [1.5, -0.5, -0.5, -0.5]. All-equal groups give A = 0 (charts/frac_zero_std_groups).
-3. A_i is broadcast to every valid token; the mask covers tokens up to and including the first EOS (pad == eos safe).
-4. Log-probs come from temperature-scaled fp32 logits (common.response_logprobs). old_logp is computed once per
-   rollout under no_grad and frozen for all mini-batches and epochs; with one mini-batch and one epoch the ratio is
-   exactly 1 and clipping is inert (correct, and tested).
-5. Each rollout of B = prompts_per_step * group_size responses is split into num_mini_batches optimizer steps, for
-   num_epochs passes. Micro-batches only bound memory: the aggregation denominator is the whole mini-batch's
-   (tokens for token-mean, sequences for seq-mean-*, sequences * max_new_tokens for Dr. GRPO).
-6. beta = 0 (the default, as TRL and Dr. GRPO) loads no reference model at all. The KL is in the loss, never in the
-   reward.
-7. Gradient clipping at max_grad_norm; AdamW with constant learning rate, no weight decay.
-8. losses/entropy is the full-vocabulary token entropy of the sampling policy; losses/cov is the entropy-mechanism
-   covariance mean_t (old_logp_t - mean old_logp)(A_t - mean A) over the rollout's valid tokens.
-9. Under torchrun each of the N processes samples and trains on 1/N of every step's prompts (whole groups). The
-   mini-batches are one shuffle of the global batch drawn from (seed, step, epoch), the same on every process
-   (common.mini_batch_parts); the aggregation denominators count the whole mini-batch over all processes and each
-   process's loss is multiplied by N (DDP and FSDP average gradients), so the update is the one a single process
-   makes on the whole batch (tested on this script).
+1. Rewards are 1/0 from the task's verifier (unparseable: 0, counted in charts/unparseable_frac).
+2. Groups follow the prompt index, never the position; std is unbiased, so {1, 0, 0, 0} gives
+   A = [1.5, -0.5, -0.5, -0.5]; all-equal groups give A = 0 (charts/frac_zero_std_groups).
+3. A_i goes to every valid token: those up to and including the first EOS (safe with pad == eos).
+4. Log-probs come from temperature-scaled fp32 logits (common.response_logprobs). old_logp is
+   computed once per rollout under no_grad and frozen for all its mini-batches and epochs, so with
+   one of each the ratio is exactly 1 and clipping is inert (tested).
+5. A rollout (B = prompts_per_step * group_size) makes num_mini_batches optimizer steps, num_epochs
+   times. Micro-batches only bound memory: the denominator is the whole mini-batch's (tokens for
+   token-mean, sequences for seq-mean-*, sequences * max_new_tokens for Dr. GRPO).
+6. beta = 0 (default, as TRL and Dr. GRPO) loads no reference model; the KL is in the loss, not the
+   reward. Gradient clipping at max_grad_norm; AdamW, constant learning rate, no weight decay.
+7. losses/entropy: the sampling policy's full-vocabulary token entropy. losses/cov: the entropy-
+   mechanism covariance mean_t (old_logp_t - mean old_logp)(A_t - mean A) over valid tokens.
+8. Under torchrun each process samples and trains on 1/N of the prompts (whole groups). Mini-batches
+   are one shuffle of the global batch from (seed, step, epoch) (common.mini_batch_parts); the
+   denominators count all processes and each loss is scaled by N (DDP and FSDP average gradients):
+   the update is the one a single process makes on the whole batch (tested).
 
-Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; a 0.5M-parameter
-model needs a far larger learning rate). Paper/real-model defaults: learning_rate 1e-6, group_size 8 (TRL) to 64
-(DeepSeekMath), beta 0 (TRL) / 0.04 (DeepSeekMath) / 0.001 (R1, verl), eps 0.2 (DAPO clip-higher: --clip-eps-high
-0.28), max_new_tokens 512-1024, one epoch, grad clip 1.0. Dr. GRPO: --no-scale-rewards --loss-agg
-seq-mean-token-sum-norm. Original GRPO: --loss-agg seq-mean-token-mean --beta 0.04.
+Dr. GRPO: --no-scale-rewards --loss-agg seq-mean-token-sum-norm; original GRPO: --loss-agg
+seq-mean-token-mean --beta 0.04; DAPO clip-higher: --clip-eps-high 0.28.
+Defaults, the paper's settings and real-model values: benchmarks/results/grpo.md.
 """
 
 import os
@@ -95,6 +89,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -234,7 +230,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

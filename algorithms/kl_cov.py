@@ -1,48 +1,40 @@
-# docs and experiment results can be found at README.md#kl-cov
-"""KL-Cov: policy gradient with a KL penalty on the tokens of highest covariance, to keep the entropy up.
+# docs and experiment results can be found at README.md#clip-cov-and-kl-cov
+"""KL-Cov: policy gradient with a KL penalty on the highest-covariance tokens, to keep entropy up.
 
-Paper: "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", Cui et al. 2025,
-arXiv:2505.22617 (section 5, KL-Cov; reference code PRIME-RL/Entropy-Mechanism-of-RL, verl `kl_cov`).
+Paper: "The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models", Cui et al.
+2025, arXiv:2505.22617 (section 5; code PRIME-RL/Entropy-Mechanism-of-RL, verl's `kl_cov`).
 
-Objective, for the N valid tokens i of one mini-batch (GRPO advantages A_i, d_i = logp_i - old_logp_i):
-    cov_i = (A_i - mean_m A) (logp_i - mean_m logp)                   (detached; the entropy change is ~ -Cov)
+For the N valid tokens i of one mini-batch (GRPO advantages A_i, d_i = logp_i - old_logp_i):
+    cov_i = (A_i - mean_m A) (logp_i - mean_m logp)       (detached; the entropy change is ~ -Cov)
     I_KL = the k tokens of largest cov_i,  k = max(int(ratio N), 1)
-    L_i = -A_i exp(d_i) + beta |d_i| [i in I_KL]                      (no ratio clipping at all)
+    L_i = -A_i exp(d_i) + beta |d_i| [i in I_KL]          (no ratio clipping at all)
     loss = sum_i L_i / N
 
 Implementation details:
-1. Rewards, groups, advantages, mask, log-probs and aggregation are GRPO's (see grpo.py): std-normalised group
-   advantages broadcast to the valid tokens, old_logp frozen per rollout, token-mean by default, no KL to a reference.
-2. The penalty is zero when fully on-policy: on the first mini-batch of a rollout d = 0, and torch's gradient of |d|
-   at 0 is 0, so KL-Cov then is plain policy gradient. That mini-batch's old log-probs are taken from the selection
-   pass (same micro-batches, hence the same padded width, as the gradient pass), so d is exactly 0, not float noise whose sign
-   the |d| gradient would follow. It acts only from the second optimizer step on a rollout, so the default is
-   num_mini_batches = 4 (the paper's recipe: 8 mini-batches per rollout); with one mini-batch and one epoch the
-   script says so and runs plain policy gradient. Four mini-batches at grpo.py's learning rate are four
-   times its optimizer steps per rollout, which lowers the entropy by itself: compare with grpo.py --num-mini-batches 4.
-3. Selection is over the whole mini-batch, as the spec asks (the authors select per GPU micro-batch, an
-   approximation). Design: before the gradient micro-batches of a mini-batch, one no-grad pass of the current policy
-   over the mini-batch gives its detached logp; the covariance and the top-k set come from it, then the usual
-   micro-batched forward/backward applies the penalty. The extra pass costs one forward per mini-batch; memory stays
-   bounded by micro_batch_size. The pass runs in the gradient pass's micro-batches, so their log-probs are equal.
-4. The covariance uses masked means over the mini-batch's valid tokens only; padding is never selected. Top-k is
-   deterministic (torch.topk), with no covariance bounds. Under torchrun the means, N and the top-k are those of the
-   whole mini-batch over all processes: top-k of every process's covariances (in rank order), each keeps its own.
-5. The KL estimate is the code's k1-abs |logp - old_logp|, with beta = 1 (set explicitly: one framework's config
-   default of 0.1 is wrong for this method). losses/clipfrac is 0 by construction (no clipping); losses/approx_kl is
-   the usual k3 over all tokens; losses/clip_cov_selected is the number of penalised tokens per optimizer step (a count;
-   the name is shared with clip_cov.py so both methods sit in one column); losses/kl_cov_penalty is the mean beta |d|
-   over them.
-6. losses/cov is the rollout-level covariance over old_logp, the same metric as every file; the per-token cov of the
-   selection is over the mini-batch and the current logp (identical on the first mini-batch of a rollout).
+1. Rewards, groups, advantages, mask, log-probs and aggregation are grpo.py's (std-normalised group
+   advantages, old_logp frozen per rollout, token-mean by default), with no KL to a reference.
+2. The penalty is zero on-policy: on a rollout's first mini-batch d = 0 and torch's gradient of |d|
+   at 0 is 0, so that step is plain policy gradient. Its old log-probs come from the selection pass
+   (same micro-batches, same padded width), so d is exactly 0, not float noise whose sign the |d|
+   gradient would follow. The penalty acts from the second optimizer step on, hence 4 mini-batches
+   by default (the paper: 8); with one mini-batch and one epoch the script says so and runs plain
+   policy gradient (4x grpo.py's optimizer steps: compare with grpo.py --num-mini-batches 4).
+3. Selection is over the whole mini-batch, so that the update does not depend on how the batch is
+   cut into micro-batches or processes (the authors select per GPU micro-batch). One no-grad pass of
+   the current policy, in the gradient pass's micro-batches (equal log-probs), gives the detached
+   logp for the covariance and the top-k: one extra forward per mini-batch, memory bounded by
+   micro_batch_size.
+4. The covariance's means are over valid tokens; padding is never selected. Top-k is deterministic
+   (torch.topk), with no covariance bounds. Under torchrun the means, N and the top-k are the whole
+   mini-batch's (top-k of every process's covariances, in rank order); each keeps its own.
+5. The KL estimate is the code's k1-abs |logp - old_logp|, beta = 1 (set explicitly: one framework's
+   config default of 0.1 is wrong for this method). losses/clipfrac is 0 by construction;
+   losses/approx_kl is the usual k3; losses/clip_cov_selected counts the penalised tokens per
+   optimizer step (clip_cov.py's name, so both share a column); losses/kl_cov_penalty is the mean
+   beta |d| over them. losses/cov is the rollout-level covariance over old_logp, as in every file.
 
-Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; about 250 valid
-tokens per mini-batch of 32 responses; step answers double that). The paper's ratio 2e-3 gives k = max(int(0.5), 1)
-= 1 token per mini-batch here, which changes nothing measurable; tuned: ratio = 0.2 (k ~ 50 per mini-batch, a far
-larger share than the paper's), beta = 1 as the paper (benchmarks/results/clip_kl_cov.md lists what was tried).
-Paper/real-model defaults: kl_cov_ratio 2e-3 (7B) / 2e-4 (32B), kl_cov_coef 1.0, learning_rate 1e-6 (verl recipe;
-5e-7 for the original 7B), 256 prompts x 8 samples with 8 mini-batches per rollout, DAPO dynamic sampling, max
-response 8192 tokens, grad clip 1.0.
+Defaults (--kl-cov-ratio 0.2, 100x the paper's, tuned on the previous embedded task) and the paper's
+settings: benchmarks/results/clip_kl_cov.md.
 """
 
 import os
@@ -99,6 +91,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -259,7 +253,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

@@ -1,54 +1,41 @@
 # docs and experiment results can be found at README.md#prime
-"""PRIME: Process Reinforcement through Implicit Rewards (implicit process reward model + leave-one-out + PPO).
+"""PRIME: Process Reinforcement through Implicit Rewards (implicit PRM + leave-one-out + PPO).
 
-Paper: "Process Reinforcement through Implicit Rewards", Cui et al. 2025, arXiv:2502.01456 (code: PRIME-RL/PRIME,
-and the verl recipe `recipe/prime`).
+Paper: "Process Reinforcement through Implicit Rewards", Cui et al. 2025, arXiv:2502.01456 (code:
+PRIME-RL/PRIME and verl's `recipe/prime`).
 
-Objective, for response i of a kept group (the n responses to one prompt) with outcome acc_i in {0, 1}, valid tokens t:
-    q_t = log pi_phi(y_t) - log pi_ref(y_t);  L_PRM = BCE(sigmoid(beta sum_t q_t), acc_i)          (implicit PRM, trained)
-    r_t = beta q_t / max_{i,t} |sum_{s>=t} beta q_s|                                         (one batch-wide scale)
-    a_t = r_t n/(n-1) - sum_j mean_s(r_j,s)/(n-1) + [t = last] (acc_i - mean_{j!=i} acc_j)   (leave-one-out per source)
-    A_t = whiten(sum_{s>=t} gamma^(s-t) a_s);  L_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))
+For response i of a kept group (n responses to one prompt), outcome acc_i in {0, 1}, valid tokens t:
+    q_t = log pi_phi(y_t) - log pi_ref(y_t);   L_PRM = BCE(sigmoid(beta sum_t q_t), acc_i)
+    r_t = beta q_t / max_{i,t} |sum_{s>=t} beta q_s|                     (one batch-wide scale)
+    a_t = r_t n/(n-1) - sum_j mean_s(r_j,s)/(n-1) + [t = last] (acc_i - mean_{j!=i} acc_j)
+    A_t = whiten(sum_{s>=t} gamma^(s-t) a_s),   rho_t = exp(logp_t - old_logp_t)
+    L_t = max(-A_t rho_t, -A_t clip(rho_t, 1 - eps_low, 1 + eps_high))
 
 Implementation details:
-1. Three models, all loaded from the base model: the policy, the implicit PRM pi_phi (a full causal LM, trained) and
-   the PRM reference pi_ref (frozen). Memory: three copies plus two AdamW states. For a large model,
-   `--prm-ref policy` takes the policy's own old log-probs as pi_ref (verl's `ref_type: policy`), so only two copies
-   are held; the PRM can also live on other devices, since it only exchanges (B, T) tensors with the policy.
-   Checkpoints (--checkpoint-every, --resume) hold the PRM and its optimizer beside the policy's.
-2. The rollout is grpo.py's: prompts_per_step x group_size = 32 x 4 = 128 sampled responses, GRPO's per-step sample
-   budget. Then the filter keeps a prompt iff acc_low <= its accuracy <= acc_high (n = 4: 1 to 3 correct) and, with
-   --filter-truncated, none of its responses is truncated. Only the kept prompts train; their number varies
-   (charts/kept_frac). Deviation: the original code samples until a fixed number of prompts pass, verl oversamples 4x
-   and keeps a fixed quarter; here the sampled budget is fixed and the training batch varies. A step with no kept prompt
-   makes no PRM or policy update (counted in charts/empty_steps; its loss metrics are NaN).
-3. q_t uses temperature-scaled fp32 log-probs for the PRM and its reference alike, and is 0 after EOS. The PRM takes
-   one epoch over the kept responses in num_mini_batches steps (AdamW without weight decay, clipping at
-   prm_max_grad_norm). --prm-update after (default, the original code): the rewards are the q of the loss's own
-   forward pass, i.e. the PRM before its step; before (the verl recipe's default): step first, then re-score. The PRM is
-   re-scored after its update either way, for charts/prm_acc_after (one extra no-grad forward pass).
-4. PRM pairwise accuracy (the code's dpo_acc): over the pairs of one group whose outcomes differ, the share where
-   sum_t q_t ranks the correct response above the wrong one, pooled over the batch; a tie counts one half (step 1,
-   where pi_phi = pi_ref and every score is 0, gives 0.5), and no such pair gives 0.5.
-5. Process rewards are normalised by one scalar over the kept batch (prime_norm batch_norm), so |process return| <= 1
-   and beta only sets the sharpness of the PRM loss.
-6. Leave-one-out per source in the code's form (m_i = mean reward of row i; for the process source this adds
-   (r_t - m_i)/(n-1) to the paper's r_t - mean_{j!=i} m_j; it sums to 0 over a response). Outcome and process terms
-   are summed 1:1, turned into returns with gamma, and whitened over the kept batch's valid tokens (unbiased variance),
-   as both implementations do (the paper's text uses the returns directly). Groups follow the prompt index.
-7. Policy: PPO clip 0.2, token-mean over the kept responses' tokens, no KL, no entropy bonus; old_logp as in grpo.py.
-8. Metrics comparable with grpo.py (accuracy, entropy, lengths, frac_zero_std_groups) cover all sampled responses;
-   losses/cov uses the advantage tensor of all sampled responses, where the filtered-out ones have A = 0 (as GRPO's
-   all-equal groups do).
-9. Under torchrun each process filters its own prompts, so the processes keep different numbers of responses (maybe
-   none). Everything over the kept batch is global (the process-reward scale, the whitening, the PRM's and the policy's
-   denominators, the mini-batches, cut from the global kept batch as one process would), and every process pads its
-   part of each mini-batch with zero-weight rows to the largest part, so all make the same forward/backward calls.
+1. Three models from the base: the policy, the implicit PRM pi_phi (trained) and its frozen
+   reference pi_ref. `--prm-ref policy` takes the policy's old log-probs as pi_ref (verl's
+   `ref_type: policy`), two copies. Checkpoints hold the PRM and its optimizer too.
+2. 32 prompts x 4 = 128 responses (GRPO's budget); a prompt is kept iff acc_low <= its accuracy <=
+   acc_high (1-3 of 4 correct) and, with --filter-truncated, none is truncated (charts/kept_frac).
+   The budget is fixed and the batch varies (the original code samples until enough prompts pass,
+   verl oversamples 4x and keeps a quarter). No kept prompt: no update (charts/empty_steps).
+3. q_t uses temperature-scaled fp32 log-probs, 0 after EOS. The PRM takes one epoch over the kept
+   responses in num_mini_batches steps (AdamW, no weight decay, clip prm_max_grad_norm).
+   --prm-update after (default, the original code): rewards from the loss's own forward, the PRM
+   before its step; before (verl's default): step, then re-score.
+4. One scale for the kept batch's process rewards (prime_norm batch_norm): |process return| <= 1,
+   and beta only sets the PRM loss's sharpness.
+5. Leave-one-out per source in the code's form (m_i: row i's mean reward; for process rewards this
+   adds (r_t - m_i)/(n-1) to the paper's r_t - mean_{j!=i} m_j, summing to 0 over a response). The
+   two sources add 1:1, become returns with gamma and are whitened over the kept valid tokens
+   (unbiased variance), as both codes do (the paper uses the returns). Groups: by prompt index.
+6. Policy: PPO clip 0.2, token-mean over kept tokens, no KL or entropy bonus; old_logp as grpo.py's.
+7. Under torchrun each process filters its own prompts; everything over the kept batch is global
+   (scale, whitening, denominators, mini-batches), and zero-weight rows pad each process's part of a
+   mini-batch to the largest, so all make the same forward/backward calls.
 
-Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers). Paper/real-model
-defaults: learning_rate 5e-7, prm_learning_rate 1e-6, prm_beta 0.05, group_size 4, prompt batch 256 (original) / 64
-(verl, oversampled 4x), PPO eps 0.2, one epoch, policy grad clip 1.0, PRM grad clip 10, gamma 1, --prm-update after
-(original) / before (verl), responses up to 3072 tokens.
+Defaults (tuned on the previous embedded task), the paper's settings, metrics and memory notes:
+benchmarks/results/prime.md.
 """
 
 import math
@@ -107,6 +94,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -361,7 +350,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

@@ -1,41 +1,39 @@
 # docs and experiment results can be found at README.md#rover
 """ROVER: Random Policy Valuation, a minimalist RL for LLM reasoning.
 
-Paper: "Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards", He et al. 2025, arXiv:2509.24981.
-In the deterministic, tree-shaped MDP of RLVR (binary terminal reward), acting on the Q-values of the uniform random
-policy is optimal; ROVER parameterises Q by the policy's own log-probs and regresses it on the centred reward plus the
-uniform-policy value of the next state. For response i of group g and its valid tokens t:
-    Q_t = rho (logp_t - old_logp_t),          M(s) = mean_v log_softmax(z(s)/tau)_v = mean(z/tau) - logsumexp(z/tau)
+Paper: "Random Policy Valuation is Enough for LLM Reasoning with Verifiable Rewards", He et al.
+2025, arXiv:2509.24981. In the deterministic, tree-shaped MDP of RLVR (binary terminal reward),
+acting on the Q-values of the uniform random policy is optimal; ROVER parameterises Q by the
+policy's own log-probs and regresses it on the centred reward plus the uniform-policy value of the
+next state. For response i of group g and its valid tokens t:
+    Q_t = rho (logp_t - old_logp_t)
+    M(s) = mean_v log_softmax(z(s)/tau)_v = mean(z/tau) - logsumexp(z/tau)
     Qbar_{t+1} = rho (M_theta(s_{t+1}) - M_old(s_{t+1})),  0 after the last valid token
     target_t = sg[ r_i - mean_g r + beta Qbar_{t+1} ],      loss = token-mean_t (Q_t - target_t)^2
 
 Implementation details:
-1. Rewards are 1/0 from the task's verifier, centred within the group (prompt index, never position), no std
-   (the paper and its countdown code); --std-norm divides by the unbiased group std + 1e-6 (the released math recipe).
-   The centred reward is broadcast to every valid token, not only the last one.
-2. M_old is a (B, T) tensor from the same no-grad pass as old_logp (common.response_logprobs(with_vocab_mean=True),
-   full vocabulary, fp32, chunked over rows); M_theta comes from the training forward. M at position t is the state
-   before response token t, so the next state of token t is position t + 1; the last valid token (EOS or the
-   max_new_tokens-th token) is followed by a terminal state of value 0 (mask shifted by one).
-3. The whole target is stop-gradient (M is detached by construction, r is a constant); gradients flow only through
-   logp in Q. No reference model, critic, ratio clipping or KL: losses/clipfrac is logged as 0 for uniform tables.
-4. Several optimizer steps per rollout (num_mini_batches 4, as the paper's 128-prompt batch / 32-prompt mini-batch).
-   On the first mini-batch theta = old, so Q = Qbar = 0 and the gradient is -2 rho r~ grad logp: plain REINFORCE
-   on the centred reward (tested). Later mini-batches see Q != 0 and a drifting target, as intended.
-5. losses/cov uses the centred reward broadcast to tokens (the first-mini-batch advantage). The vocabulary mean uses
-   the model's full (padded) vocabulary, as the authors' code.
-6. Gradient clipping at max_grad_norm; AdamW with constant learning rate, no weight decay; token-mean aggregation over
-   the whole mini-batch (micro-batches only bound memory).
-7. Under torchrun each process holds whole groups: centred rewards, Q and targets are per response and per group
-   (local); the mini-batches are one shuffle of the global batch, the same on every process, and the token-mean
-   denominator is the whole mini-batch's token count, summed over the processes (tested on this script).
+1. Rewards are 1/0 from the task's verifier, centred within the group (prompt index, never
+   position), no std (the paper and its countdown code); --std-norm divides by the unbiased group
+   std + 1e-6 (the released math recipe). The centred reward goes to every valid token.
+2. M_old is a (B, T) tensor from old_logp's no-grad pass (common.response_logprobs with
+   with_vocab_mean=True: full vocabulary, fp32, chunked over rows); M_theta comes from the training
+   forward. M at position t is the state before response token t, so token t's next state is t + 1;
+   after the last valid token (EOS or the max_new_tokens-th) comes a terminal state of value 0.
+3. The whole target is stop-gradient (M detached by construction, r constant): gradients flow only
+   through logp in Q. No reference model, critic, ratio clipping or KL (losses/clipfrac logs 0).
+4. Several optimizer steps per rollout (num_mini_batches 4: the paper's 128-prompt batch in
+   32-prompt mini-batches). On the first, theta = old, so Q = Qbar = 0 and the gradient is
+   -2 rho r~ grad logp: plain REINFORCE on the centred reward (tested); later mini-batches see
+   Q != 0 and a moving target.
+5. losses/cov uses the centred reward broadcast to tokens (the first mini-batch's advantage). The
+   vocabulary mean is over the model's full (padded) vocabulary, as the authors' code.
+6. Gradient clipping at max_grad_norm; AdamW, constant learning rate, no weight decay; token-mean
+   over the whole mini-batch (micro-batches only bound memory).
+7. Under torchrun each process holds whole groups (centred rewards, Q and targets are local); the
+   mini-batches are one shuffle of the global batch; the denominator counts all processes (tested).
 
-Defaults were tuned on the previous embedded task (3-number countdown, one-expression answers; see
-benchmarks/results/dph_rl_rover.md): learning_rate 2.5e-5, i.e. GRPO's 1e-4 per rollout spread over the 4
-mini-batches (1e-4 per mini-batch sharpened the policy more than GRPO: pass@64 0.893 vs GRPO's 0.924). Paper
-defaults: rho 1, beta 1 (0.2-1 stable, 0 collapses entropy and length), group_size 8 (5 on countdown), lr 1e-6, 128
-prompts per batch in 4 mini-batches, temperature 1.0 (0.6 for math), rewards r - mean_g r (countdown) / --std-norm
-(math script).
+Defaults (learning rate 2.5e-5, tuned on the previous embedded task) and the paper's settings:
+benchmarks/results/dph_rl_rover.md.
 """
 
 import os
@@ -92,6 +90,8 @@ class Args:
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
     """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
     temperature: float = 1.0
     """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
     top_p: float = 1.0
@@ -213,7 +213,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    task = common.get_task(args.task, args.dataset, tokenizer)
+    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)

@@ -1,10 +1,16 @@
 """Bad input at every entry point: a clear one-line error or a reward of 0, in bounded time, never a deep traceback."""
 
 import dataclasses
+import errno
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,7 +156,8 @@ CLI_CASES = [
     (["--group-size", "1"], "error: need group_size >= 2"),
     (["--num-mini-batches", "3"], "error: need group_size >= 2"),
     (["--task", "countdown", "--dataset", "x"], "error: task countdown is generated"),
-    (["--task", "gsm8k", "--dataset", "./no/such/folder"], "error: dataset folder not found"),
+    (["--task", "gsm8k", "--dataset", "./no/such/folder", "--max-new-tokens", "64"], "error: dataset folder not found"),
+    (["--task", "gsm8k"], "error: --max-new-tokens 512: leaves no room for a prompt: the model's position limit is 128"),
     (["--resume", "RUN_WITHOUT_CONFIG"], "error: cannot resume"),
     (["--resume", "CORRUPT_RUN"], "error: checkpoint"),
     (["--temperature", "0"], "error: --temperature 0.0: must be in (0, 100]"),
@@ -303,3 +310,287 @@ def test_non_finite_weights_after_a_step_stop_the_run():
         weights.copy_(torch.tensor([1.0, float("nan"), 1.0]))
     with pytest.raises(common.TrainingStopped, match="weights are not finite"):
         guard.check_weights(optimizer)
+
+
+# ---- a hostile megabyte of model output -> graded in well under a second, both tasks ----------------------------------
+MEGABYTE = 1_000_000
+HOSTILE_MEGABYTES = [  # (task, label, response): each about 1 MB
+    ("countdown", "opening tags", "<answer>" * (MEGABYTE // 8)),
+    ("countdown", "steps inside tags", "<answer>" + "3*5=15," * (MEGABYTE // 7) + "</answer>"),
+    ("countdown", "parentheses", "(" * MEGABYTE),
+    ("countdown", "digits", "9" * MEGABYTE),
+    ("math", "open braces", "{" * MEGABYTE),
+    ("math", "unclosed boxes", "\\boxed{" * (MEGABYTE // 7)),
+    ("math", "nested boxes", "\\boxed{" * (MEGABYTE // 16) + "1" + "}" * (MEGABYTE // 16)),
+    ("math", "answer phrases", "The answer is 7 " * (MEGABYTE // 16)),
+    ("math", "dollars", "$" * MEGABYTE),
+    ("math", "closing braces", "\\boxed{1" + "}" * MEGABYTE),
+    ("math", "a box then a megabyte of text", "\\boxed{72}" + "x" * MEGABYTE),  # past MAX_RESPONSE_CHARS: not seen
+]
+
+
+@pytest.mark.parametrize("task,label,response", HOSTILE_MEGABYTES, ids=[f"{t}-{c}" for t, c, _ in HOSTILE_MEGABYTES])
+def test_a_hostile_megabyte_is_graded_in_well_under_a_second(task, label, response):
+    """Extraction is one linear pass over a bounded tail and parsing sees a capped answer: about 30 ms at worst on
+    a 2-core laptop. The bound is a hang guard (the quadratic scan of these inputs took minutes), not a speed test."""
+    common.verify_math("1", "\\boxed{1}")  # math-verify's imports, once
+    start = time.perf_counter()
+    if task == "countdown":
+        verdicts = [common.verify_countdown(NUMS, TARGET, response, steps) for steps in (True, False)]
+        keys = [common.get_task(name).answer_key(response) for name in ("countdown", "countdown-expr")]
+    else:
+        verdicts = [common.verify_math("72", response)]
+        keys = [common.get_task("math").answer_key(response)]
+    assert time.perf_counter() - start < 1.0
+    assert all(correct is False for correct, _ in verdicts) and all(isinstance(key, str) for key in keys)
+
+
+# ---- models -> one line before training ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    """Folders of broken models, each made from the embedded one."""
+    from transformers import AutoModelForCausalLM, BertConfig, BertForMaskedLM, T5Config
+
+    root, source = tmp_path_factory.mktemp("models"), common.REPO_ROOT / common.EMBEDDED_MODEL
+    folders = {name: root / name for name in ("empty", "no_tokenizer", "truncated", "small_vocab", "bert", "t5",
+                                              "bad_config", "no_eos")}
+    for folder in folders.values():
+        folder.mkdir()
+    for name in ("no_tokenizer", "truncated", "small_vocab", "bert", "t5", "bad_config", "no_eos"):
+        for file in source.iterdir():
+            if name != "no_tokenizer" or not file.name.startswith("tokenizer"):
+                (folders[name] / file.name).write_bytes(file.read_bytes())
+    weights = folders["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.config.vocab_size = 10  # the tokenizer has 23 tokens
+    AutoModelForCausalLM.from_config(model.config).save_pretrained(folders["small_vocab"])
+    BertForMaskedLM(BertConfig(vocab_size=23, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(folders["bert"])
+    T5Config(vocab_size=23, d_model=32, num_layers=1, num_heads=2, d_ff=64).save_pretrained(folders["t5"])
+    (folders["bad_config"] / "config.json").write_text("{not json")
+    for file in ("config.json", "generation_config.json", "tokenizer_config.json"):
+        path = folders["no_eos"] / file
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items()
+                                    if k not in ("eos_token_id", "eos_token", "pad_token_id", "pad_token")}))
+    return folders
+
+
+BAD_MODELS = [
+    ("empty", "model folder '.*' has no config.json"),
+    ("no_tokenizer", "model '.*' has no usable tokenizer: the folder has no tokenizer files"),
+    ("truncated", "could not read the weights of model '.*': Error while deserializing header"),
+    ("small_vocab", "model '.*': its tokenizer has 23 tokens but the model's embedding only 10 rows"),
+    ("bert", "model '.*' is not a causal \\(decoder-only\\) language model: BertForMaskedLM"),
+    ("t5", "model '.*' is not a causal \\(decoder-only\\) language model"),
+    ("bad_config", "could not load model '.*': "),
+    ("no_eos", "model '.*' has no end-of-sequence token"),
+]
+
+
+@pytest.mark.parametrize("name,message", BAD_MODELS, ids=[c[0] for c in BAD_MODELS])
+def test_a_broken_model_is_one_clear_line(name, message, bad_models):
+    with pytest.raises(common.UserInputError, match=f"^{message}"):
+        common.load_model_and_tokenizer(str(bad_models[name]))
+
+
+def test_a_broken_model_stops_a_script_in_one_line(bad_models):
+    result = run_python(["algorithms/grpo.py", "--model-name", str(bad_models["bert"])])
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [f"error: model '{bad_models['bert']}' is not a causal (decoder-only) "
+                                                  "language model: BertForMaskedLM"]
+
+
+POSITION_CASES = [  # the embedded model has 128 positions; (max_new_tokens, max_prompt_length, message or the limit)
+    (32, None, 96), (100, 28, 28),
+    (128, None, "--max-new-tokens 128: leaves no room for a prompt: the model's position limit is 128 tokens"),
+    (100, 29, "--max-prompt-length 29: \\+ --max-new-tokens 100 exceeds the model's position limit of 128 tokens"),
+]
+
+
+@pytest.mark.parametrize("new,prompt,expected", POSITION_CASES)
+def test_prompt_and_response_must_fit_the_models_positions(new, prompt, expected, embedded, capsys):
+    args = dataclasses.replace(load_algorithm("grpo").Args(), max_new_tokens=new, max_prompt_length=prompt)
+    if isinstance(expected, int):
+        assert common.check_position_limit(embedded[0], args) == expected
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        common.check_position_limit(embedded[0], args)
+    assert exit_info.value.code == 2 and re.fullmatch(f"error: {expected}\n", capsys.readouterr().err)
+
+
+def test_prompts_over_the_length_limit_are_left_out_with_a_count(embedded, capsys):
+    tokenizer = embedded[1]
+    task = common.get_task("countdown", tokenizer=tokenizer, max_prompt_length=12)
+    items = task.train_items()
+    assert 3000 < len(items) < 4000
+    assert max(len(tokenizer(task.prompt(item), add_special_tokens=False).input_ids) for item in items) == 12
+    assert f"left out {4000 - len(items)} of 4000 prompts longer than --max-prompt-length 12" in capsys.readouterr().err
+    assert all(len(tokenizer(task.prompt(i)).input_ids) <= 12 for i in task.eval_items("test", 64))
+    with pytest.raises(common.UserInputError, match="every prompt is longer than --max-prompt-length 5 tokens"):
+        common.get_task("countdown", tokenizer=tokenizer, max_prompt_length=5).train_items()
+
+
+def test_a_huge_question_is_left_out_not_trained_on(tmp_path, embedded, capsys):
+    rows = [{"question": "What is 2+2?", "answer": "#### 4"}, {"question": "1 " * 32_000, "answer": "#### 3"}]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    task = common.get_task("gsm8k", str(tmp_path), embedded[1], max_prompt_length=96)
+    assert [item["gold"] for item in task.train_items()] == ["4"]
+    assert "left out 1 of 2 prompts longer than --max-prompt-length 96" in capsys.readouterr().err
+
+
+# ---- data files -> one line naming the file and row ------------------------------------------------------------------
+BAD_FILES = [  # (label, train file name, its bytes, message); test.jsonl is fine
+    ("empty file", "train.jsonl", b"", "could not load the train split of dataset '.*': .*/train.jsonl is empty"),
+    ("invalid JSON", "train.jsonl", b'{"question": "q", "answer": "#### 2"}\n{"question": "q", "answer"\n',
+     "could not load the train split .*/train.jsonl, line 2: not valid JSON"),
+    ("not an object", "train.jsonl", b'{"question": "q", "answer": "#### 2"}\n[1, 2]\n',
+     "could not load the train split .*/train.jsonl, line 2: not a JSON object"),
+    ("corrupt parquet", "train.parquet", b"PAR1 not really parquet", "could not load the train split of dataset"),
+    ("no train file", "other.jsonl", b'{"question": "q", "answer": "#### 2"}\n',
+     "dataset folder '.*' has no train file \\(train.jsonl, train.parquet, ...\\)"),
+]
+
+
+@pytest.mark.parametrize("label,name,content,message", BAD_FILES, ids=[c[0] for c in BAD_FILES])
+def test_an_unreadable_data_file_is_one_line_naming_it(label, name, content, message, tmp_path):
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / "test.jsonl").write_text(json.dumps({"question": "q", "answer": "#### 2"}) + "\n")
+    with pytest.raises(common.UserInputError, match=f"^{message}"):
+        common.get_task("gsm8k", dataset=str(tmp_path)).train_items()
+
+
+def test_undecodable_bytes_skip_their_row_with_a_line_naming_file_and_row(tmp_path, capsys):
+    good = b'{"question": "What is 2+2?", "answer": "#### 4"}\n'
+    (tmp_path / "train.jsonl").write_bytes(good + b'{"question": "What is 2+\xff2?", "answer": "#### 4"}\n')
+    (tmp_path / "test.jsonl").write_bytes(good)
+    assert common.get_task("gsm8k", dataset=str(tmp_path)).train_items() == [{"question": "What is 2+2?", "gold": "4"}]
+    assert (f"warning: {tmp_path / 'train.jsonl'} (train): skipped 1 malformed row(s): 1 with bytes that are not "
+            "UTF-8 (e.g. row 1)") in capsys.readouterr().err
+
+
+def test_golds_are_parsed_once_at_load_in_bounded_time(tmp_path, capsys, monkeypatch):
+    """A gold math-verify cannot compare in time is skipped at load (not re-tried for every response); the others are
+    parsed once and every response is compared with the cached parse."""
+    rows = [{"problem": "Tower", "answer": "9^{9^{9^{9}}}"}, {"problem": "Half", "answer": "\\frac{1}{2}"},
+            {"problem": "Plain", "answer": "12"}]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    common._parsed_gold.cache_clear()
+    start = time.perf_counter()
+    task = common.get_task("math", dataset=str(tmp_path))
+    assert [item["gold"] for item in task.items("test")] == ["\\frac{1}{2}", "12"]
+    assert time.perf_counter() - start < 4 * common.MATH_TIMEOUT  # a hang guard: one timeout for the tower
+    assert "1 with a gold answer math-verify cannot parse or compare within 5 s (e.g. row 0)" in capsys.readouterr().err
+    parsed = common._parsed_gold.cache_info().currsize
+    assert task.verify({"gold": "\\frac{1}{2}"}, "\\boxed{0.5}") == (True, True)
+    assert common._parsed_gold.cache_info().currsize == parsed  # the load's parse, reused
+
+
+# ---- progress, Ctrl-C, a full disk -----------------------------------------------------------------------------------
+def test_evaluation_prints_progress_lines(embedded, capsys, monkeypatch):
+    monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)
+    task = common.get_task("countdown")
+    items = task.eval_items("test", 6)  # and 3 of the second skill
+    common.evaluate(*embedded, task, items, 4, 1.0, 8, batch_size=12)  # 3 prompts per sampled batch
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("evaluating, greedy: 9/9 prompts (")  # one greedy batch, then three sampled ones
+    assert [line.split(" (")[0] for line in lines[1:]] == [f"evaluating, 4 samples each: {n}/9 prompts" for n in (3, 6, 9)]
+
+
+def _start_run(out_dir: Path, *flags: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "algorithms/grpo.py", "--output-dir", str(out_dir), "--eval-prompts", "8",
+                             "--final-eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4", *flags],
+                            cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    raise AssertionError(f"the run ended before printing {prefix!r}: {proc.stderr.read()[-2000:]}")
+
+
+def test_ctrl_c_exits_in_seconds_with_the_resume_command(tmp_path):
+    proc = _start_run(tmp_path, "--checkpoint-every", "1")
+    first = _lines_until(proc, "run folder: ")
+    assert proc.poll() is None  # the line came through the pipe while the run goes on (line-buffered stdout)
+    run_dir = first[-1].removeprefix("run folder: ").strip()
+    _lines_until(proc, "step 2/")
+    checkpoint = Path(run_dir) / common.CHECKPOINT_FILE
+    while not checkpoint.exists() or torch.load(checkpoint, weights_only=False)["step"] < 2:
+        time.sleep(0.1)  # the step-2 checkpoint is written right after its line
+    proc.send_signal(signal.SIGINT)
+    start = time.perf_counter()
+    _, err = proc.communicate(timeout=60)
+    assert time.perf_counter() - start < 15  # a hang guard: about 1-3 s
+    assert "Traceback" not in err
+    step = torch.load(checkpoint, weights_only=False)["step"]
+    assert err.strip().splitlines()[-1] == (f"interrupted: the last checkpoint is step {step} in {run_dir}; continue "
+                                            f"with: python algorithms/grpo.py --resume {run_dir}")
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
+    proc = _start_run(tmp_path, "--checkpoint-every", "0")
+    run_dir = _lines_until(proc, "run folder: ")[-1].removeprefix("run folder: ").strip()
+    proc.send_signal(signal.SIGINT)  # during the evaluation of the base model
+    _, err = proc.communicate(timeout=60)
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"interrupted: no checkpoint was saved yet in {run_dir} (see "
+                                            "--checkpoint-every); nothing to resume")
+
+
+def _full_disk(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_the_last_one(tmp_path, monkeypatch):
+    common.save_checkpoint(tmp_path, 1, {"weights": torch.ones(3)})
+    monkeypatch.setitem(common.RUN_STATE, "run_dir", tmp_path)
+
+    def half_then_full(obj, f):
+        f.write(b"x" * 1000)  # a partial file that would keep the disk full
+        _full_disk()
+
+    monkeypatch.setattr(torch, "save", half_then_full)
+    with pytest.raises(common.TrainingStopped, match=f"^could not write to {re.escape(str(tmp_path))}: no space left "
+                       f"on the device; the last checkpoint is step 1 in {re.escape(str(tmp_path))}; continue with: "):
+        common.save_checkpoint(tmp_path, 2, {"weights": torch.zeros(3)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [common.CHECKPOINT_FILE]  # no .tmp left
+    monkeypatch.undo()
+    assert common.load_checkpoint(tmp_path)["weights"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_full_disk_while_logging_or_rewriting_a_file_is_one_line(tmp_path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(os, "fsync", _full_disk)
+    with pytest.raises(common.TrainingStopped, match=f"^could not write to {re.escape(str(tmp_path))}: no space left"):
+        common.atomic_write(tmp_path / "config.json", "{\"new\": 1}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+    assert (tmp_path / "config.json").read_text() == "{}"
+    logger = common.RunLogger.__new__(common.RunLogger)
+    logger.enabled, logger.run_dir, logger.wandb = True, tmp_path, None
+    logger.metrics_file = SimpleNamespace(write=_full_disk, flush=lambda: None)
+    with pytest.raises(common.TrainingStopped, match="no space left on the device"):
+        logger.log(1, {"loss": 0.5})
+
+
+def test_a_full_disk_stops_a_script_in_one_line(tmp_path):
+    """The whole script, with every write failing as on a full disk once the run folder exists."""
+    code = ("import errno, runpy, sys, torch\n"
+            "def full(*a, **k): raise OSError(errno.ENOSPC, 'No space left on device')\n"
+            "torch.save = full\n"
+            "sys.argv = ['algorithms/grpo.py', *sys.argv[1:]]\n"
+            "runpy.run_path('algorithms/grpo.py', run_name='__main__')\n")
+    result = run_python(["-c", code, "--output-dir", str(tmp_path), "--num-steps", "1", "--eval-prompts", "4",
+                         "--final-eval-samples", "0", "--prompts-per-step", "2", "--group-size", "2",
+                         "--checkpoint-every", "1"])
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    (run_dir,) = tmp_path.iterdir()
+    assert result.stderr.strip().splitlines()[-1] == (f"error: could not write to {run_dir}: no space left on the "
+                                                      f"device; no checkpoint was saved yet in {run_dir} (see "
+                                                      "--checkpoint-every); nothing to resume")
+    assert not list(run_dir.glob("*.tmp"))
