@@ -53,6 +53,10 @@ class TrainingStopped(Exception):
 def _excepthook(exc_type, exc, tb):
     if issubclass(exc_type, (UserInputError, TrainingStopped)):
         print(f"error: {exc}", file=sys.stderr)
+        if issubclass(exc_type, FlagError):  # a usage error: exit code 2, as argparse's (nothing is open yet)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
     elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: one line (rank 0's), not a traceback
         if os.environ.get("RANK", "0") == "0":
             print(f"interrupted: {where_to_resume()}", file=sys.stderr)
@@ -97,16 +101,6 @@ def _first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none), for one-line errors."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-@contextlib.contextmanager
-def flag_errors():
-    """A FlagError inside becomes the line `error: --flag VALUE: why` and exit code 2 (a usage error)."""
-    try:
-        yield
-    except FlagError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -858,13 +852,12 @@ def check_position_limit(model, args) -> int | None:
     """`args.max_prompt_length`, or by default the model's position limit minus `args.max_new_tokens` (None: no
     limit); a prompt + response budget over the model's limit is one line (FlagError, exit 2) before training."""
     limit = position_limit(model)
-    with flag_errors():
-        if limit is not None and args.max_new_tokens >= limit:
-            raise FlagError("max_new_tokens", args.max_new_tokens, f"leaves no room for a prompt: the model's position "
-                            f"limit is {limit} tokens")
-        if limit is not None and args.max_prompt_length and args.max_prompt_length + args.max_new_tokens > limit:
-            raise FlagError("max_prompt_length", args.max_prompt_length, f"+ --max-new-tokens {args.max_new_tokens} "
-                            f"exceeds the model's position limit of {limit} tokens")
+    if limit is not None and args.max_new_tokens >= limit:
+        raise FlagError("max_new_tokens", args.max_new_tokens, f"leaves no room for a prompt: the model's position "
+                        f"limit is {limit} tokens")
+    if limit is not None and args.max_prompt_length and args.max_prompt_length + args.max_new_tokens > limit:
+        raise FlagError("max_prompt_length", args.max_prompt_length, f"+ --max-new-tokens {args.max_new_tokens} "
+                        f"exceeds the model's position limit of {limit} tokens")
     return args.max_prompt_length or (limit - args.max_new_tokens if limit is not None else None)
 
 
@@ -1262,7 +1255,8 @@ def init_distributed(use_cuda: bool = True) -> tuple[int, int, torch.device]:
 
 
 class FlagError(UserInputError):
-    """A flag value out of its range: `--flag VALUE: why`; `check_shared_args` exits with code 2 (argparse's)."""
+    """A flag value out of its range: `--flag VALUE: why`; uncaught, it ends the script with that line and exit code 2
+    (argparse's)."""
 
     def __init__(self, name: str, value, why: str):
         super().__init__(f"--{name.replace('_', '-')} {value}: {why}")
@@ -1334,16 +1328,15 @@ def check_flags(args) -> None:
 def check_shared_args(args) -> None:
     """Every flag in its range (FLAG_RULES) and the shared combinations, in one line `error: --flag VALUE: why` and
     exit code 2, before any model loads; sets `args.max_new_tokens` to the task's own response length unless given."""
-    with flag_errors():
-        check_flags(args)
-        if args.task not in TASKS:
-            raise FlagError("task", args.task, f"unknown task; choose one of: {', '.join(TASKS)}")
-        args.max_new_tokens = args.max_new_tokens or TASKS[args.task].max_new_tokens
-        if 0 < args.micro_batch_tokens <= args.max_new_tokens:
-            raise FlagError("micro_batch_tokens", args.micro_batch_tokens, "smaller than one row: a prompt and up to "
-                            f"{args.max_new_tokens} response tokens")
-        if args.fsdp and args.rollout == "continuous":
-            raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); use generate or static")
+    check_flags(args)
+    if args.task not in TASKS:
+        raise FlagError("task", args.task, f"unknown task; choose one of: {', '.join(TASKS)}")
+    args.max_new_tokens = args.max_new_tokens or TASKS[args.task].max_new_tokens
+    if 0 < args.micro_batch_tokens <= args.max_new_tokens:
+        raise FlagError("micro_batch_tokens", args.micro_batch_tokens, "smaller than one row: a prompt and up to "
+                        f"{args.max_new_tokens} response tokens")
+    if args.fsdp and args.rollout == "continuous":
+        raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); use generate or static")
     check_memory(args)  # a one-line warning on a GPU the run will not fit
 
 

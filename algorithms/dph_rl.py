@@ -349,27 +349,28 @@ if __name__ == "__main__":
     common.check_shared_args(args)
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
-    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
-        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing "
-                                    "prompts_per_step * group_size")
-    threshold_ok = 1 <= args.rehearsal_threshold <= args.presample_k
-    if not threshold_ok or args.pool_prompts < 1 or args.rehearsal_batch_size < 1:
-        raise common.UserInputError("need 1 <= rehearsal_threshold <= presample_k, "
-                                    "pool_prompts >= 1, rehearsal_batch_size >= 1")
+    if args.group_size < 2:  # a violation is one line `error: --flag VALUE: why`, exit code 2
+        raise common.FlagError("group_size", args.group_size, "must be >= 2: the group is the baseline")
+    if args.batch_size % args.num_mini_batches:
+        raise common.FlagError("num_mini_batches", args.num_mini_batches,
+                               f"must divide prompts_per_step x group_size = {args.batch_size}")
+    if args.rehearsal_threshold > args.presample_k:
+        raise common.FlagError("rehearsal_threshold", args.rehearsal_threshold,
+                               f"must be <= --presample-k {args.presample_k}")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed,
     # all draw the same prompts
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
-        raise common.UserInputError("prompts_per_step and the mini-batch size must be multiples of "
-                                    f"{world_size} processes")
+        raise common.FlagError("prompts_per_step", args.prompts_per_step, "it and each mini-batch "
+                               f"({args.mini_batch_size} responses) must split over {world_size} processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # ALGO LOGIC: every process takes an equal share of each rehearsal batch
     if args.divergence != "reverse-kl" and args.rehearsal_batch_size % world_size:
-        raise common.UserInputError(f"rehearsal_batch_size must be a multiple of {world_size} "
-                                    "processes")
+        raise common.FlagError("rehearsal_batch_size", args.rehearsal_batch_size,
+                               f"must be a multiple of the {world_size} processes")
 
     # TRY NOT TO MODIFY: model, data, logging
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,

@@ -329,21 +329,18 @@ if __name__ == "__main__":
     # every flag in range (else exit 2) before a model loads; fills in the task's max_new_tokens
     common.check_shared_args(args)
     args.batch_size = args.prompts_per_step * args.group_size
-    if args.group_size < 2 or args.num_mini_batches < 1:
-        raise common.UserInputError("need group_size >= 2 (leave-one-out baselines) and "
-                                    "num_mini_batches >= 1")
-    acc_ok = 0 <= args.acc_low <= args.acc_high <= 1
-    if not acc_ok or args.prm_beta <= 0 or not 0 <= args.gamma <= 1:
-        raise common.UserInputError("need 0 <= acc_low <= acc_high <= 1, prm_beta > 0 and "
-                                    "0 <= gamma <= 1")
+    if args.group_size < 2:  # a violation is one line `error: --flag VALUE: why`, exit code 2
+        raise common.FlagError("group_size", args.group_size, "must be >= 2: leave-one-out baselines")
+    if args.acc_low > args.acc_high:
+        raise common.FlagError("acc_low", args.acc_low, f"must be <= --acc-high {args.acc_high}")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # ALGO LOGIC: processes (torchrun) and seeding; as grpo.py's, but PRIME's mini-batches are cut
     # from the kept responses, of no fixed size: only the prompts must split evenly
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size:
-        raise common.UserInputError(f"prompts_per_step must be a multiple of {world_size} "
-                                    "processes")
+        raise common.FlagError("prompts_per_step", args.prompts_per_step,
+                               f"must be a multiple of the {world_size} processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging

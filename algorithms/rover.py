@@ -196,17 +196,19 @@ if __name__ == "__main__":
     common.check_shared_args(args)
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
-    if args.group_size < 2 or args.num_mini_batches < 1 or args.batch_size % args.num_mini_batches:
-        raise common.UserInputError("need group_size >= 2 and num_mini_batches dividing "
-                                    "prompts_per_step * group_size")
+    if args.group_size < 2:  # a violation is one line `error: --flag VALUE: why`, exit code 2
+        raise common.FlagError("group_size", args.group_size, "must be >= 2: the group is the baseline")
+    if args.batch_size % args.num_mini_batches:
+        raise common.FlagError("num_mini_batches", args.num_mini_batches,
+                               f"must divide prompts_per_step x group_size = {args.batch_size}")
     run_name = f"{args.task}__{args.exp_name}__{args.seed}__{int(time.time())}"
 
     # TRY NOT TO MODIFY: processes (torchrun) and seeding; each process samples with its own seed,
     # all draw the same prompts
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
-        raise common.UserInputError("prompts_per_step and the mini-batch size must be multiples of "
-                                    f"{world_size} processes")
+        raise common.FlagError("prompts_per_step", args.prompts_per_step, "it and each mini-batch "
+                               f"({args.mini_batch_size} responses) must split over {world_size} processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # TRY NOT TO MODIFY: model, data, logging

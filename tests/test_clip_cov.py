@@ -119,8 +119,8 @@ def test_no_grad_selection_pass_equals_gradient_pass(random_model):
 
 def test_bad_bounds_give_one_line_error(tmp_path):
     result = run_python(["algorithms/clip_cov.py", "--clip-cov-lb", "5", "--clip-cov-ub", "1", "--output-dir", str(tmp_path)])
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == "error: need 0 < clip_cov_ratio <= 1 and clip_cov_lb < clip_cov_ub"
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --clip-cov-lb 5.0: must be below --clip-cov-ub 1.0"
 
 
 

@@ -159,12 +159,12 @@ def test_training_is_identical_when_every_gold_answer_is_garbage(method_flags, t
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--group-size", "1"], "error: need group_size >= 2"),
-    (["--method", "em-ft", "--entropy-coef", "0.001"], "error: --entropy-coef is an EM-RL term"),
+    (["--group-size", "1"], "error: --group-size 1: must be >= 2 for em-rl"),
+    (["--method", "em-ft", "--entropy-coef", "0.001"], "error: --entropy-coef 0.001: is an EM-RL term"),
 ])
 def test_bad_input_gives_one_line_error(flags, message, tmp_path):
     result = run_python(["algorithms/em_rl.py", *flags, "--output-dir", str(tmp_path)])
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 

@@ -46,8 +46,8 @@ def test_grpo_with_reference_and_minibatches(tmp_path):
 @pytest.mark.parametrize("flags,message", [
     (["--task", "nope"], "error: --task nope: unknown task"),
     (["--model-name", "./no/such/folder"], "error: model folder not found"),
-    (["--num-mini-batches", "3"], "error: need group_size >= 2"),
-    (["--group-size", "1"], "error: need group_size >= 2"),
+    (["--num-mini-batches", "3"], "error: --num-mini-batches 3: must divide"),
+    (["--group-size", "1"], "error: --group-size 1: must be >= 2"),
 ])
 def test_bad_input_gives_one_line_error(flags, message, tmp_path):
     result = run_python(["algorithms/grpo.py", *flags, "--output-dir", str(tmp_path)])
