@@ -922,9 +922,24 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int])
 ROLLOUT_BACKENDS = ("generate", "static", "continuous")
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled, built once from the flags and passed to `rollout`, `evaluate` and any pre-pass.
+    `backend` is the generation backend (ROLLOUT_BACKENDS); top_p 1 and top_k 0 are off."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    backend: str = "generate"
+
+    @classmethod
+    def from_args(cls, args) -> "Sampling":
+        return cls(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.rollout)
+
+
 @torch.no_grad()
-def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_tokens: int, temperature: float = 1.0,
-            top_p: float = 1.0, top_k: int = 0, greedy: bool = False, backend: str = "generate") -> Rollout:
+def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sampling, greedy: bool = False) -> Rollout:
     """Sample `group_size` responses per prompt, in one batch. Backends (the same outputs, the same sampling):
     - `generate`: HF `generate` with its dynamic KV cache;
     - `static`: `generate` with a preallocated static KV cache (`cache_implementation="static"`), with which
@@ -935,6 +950,7 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_token
     With bf16 on a GPU, `static` and `continuous` decode in a bf16 copy of the fp32 policy (refreshed at each call:
     2 bytes a parameter more), since their caches hold one dtype; `generate` runs the policy under autocast.
     Under FSDP every process keeps stepping until all are done (`synced_gpus`), since each forward is collective."""
+    max_new_tokens, temperature, backend = sampling.max_new_tokens, sampling.temperature, sampling.backend
     if not greedy and not temperature > 0:
         raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
     if backend not in ROLLOUT_BACKENDS:
@@ -948,7 +964,7 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_token
                     add_special_tokens=False).to(device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
     prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
-    sampling = {} if greedy else dict(temperature=temperature, top_p=top_p, top_k=top_k)
+    knobs = {} if greedy else dict(temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     eos = eos_ids(policy)
     # a static or paged cache wants one dtype for keys and values: those backends decode in a bf16 copy
     generator = _low_precision_copy(policy) if backend != "generate" and not is_fsdp(model) else policy
@@ -956,12 +972,12 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, max_new_token
     policy.eval()
     with autocast(generator):
         if backend == "continuous":
-            response_ids = _continuous_batching(generator, enc, group_size, max_new_tokens, greedy, sampling,
+            response_ids = _continuous_batching(generator, enc, group_size, max_new_tokens, greedy, knobs,
                                                 tokenizer.pad_token_id)
         else:
             extra = {"cache_implementation": "static"} if backend == "static" else {}
             out = generator.generate(input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=max_new_tokens,
-                                     do_sample=not greedy, use_cache=True, synced_gpus=is_fsdp(model), **extra, **sampling)
+                                     do_sample=not greedy, use_cache=True, synced_gpus=is_fsdp(model), **extra, **knobs)
             response_ids = out[:, prompt_ids.shape[1]:]
     policy.train(was_training)
     P = prompt_ids.shape[1]
@@ -1176,9 +1192,9 @@ def _progress(what: str, done: int, total: int, began: float) -> None:
         print(f"{what}: {done}/{total} prompts ({now - began:.0f} s)", flush=True)
 
 
-def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperature: float, max_new_tokens: int,
-             top_p: float = 1.0, top_k: int = 0, batch_size: int = 1024, backend: str = "generate") -> dict:
-    """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt at `temperature` (mean@n),
+def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, sampling: Sampling,
+             batch_size: int = 1024) -> dict:
+    """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt drawn with `sampling` (mean@n),
     unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt.
 
     An item may name its `subset` (countdown: one_solution or several_solutions, and second_skill for the prompts of a
@@ -1189,7 +1205,7 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
     prompts = [task.prompt(item) for item in mine]
     greedy_correct, began = [], time.time()
     for start in range(0, len(mine), batch_size):
-        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, max_new_tokens, greedy=True, backend=backend)
+        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, sampling, greedy=True)
         greedy_correct += [task.verify(item, text)[0] for item, text in zip(mine[start:start + batch_size], ro.texts)]
         _progress("evaluating, greedy", len(greedy_correct), len(mine), began)
     greedy_correct = gather_lists(greedy_correct[:n_mine])
@@ -1197,8 +1213,7 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, temperat
     per_prompt = max(1, batch_size // max(1, n_samples))
     for start in range(0, len(mine) if n_samples else 0, per_prompt):
         chunk = mine[start:start + per_prompt]
-        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, max_new_tokens, temperature, top_p,
-                     top_k, backend=backend)
+        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, sampling)
         for i, item in enumerate(chunk):
             texts = ro.texts[i * n_samples:(i + 1) * n_samples]
             correct = [text for text in texts if task.verify(item, text)[0]]
@@ -1909,17 +1924,20 @@ class RunLogger:
                 raise UserInputError(f"--num-steps {args.num_steps} is below the run's checkpoint (step "
                                      f"{resume_step}); a resumed run can only go on")
         RUN_STATE.update(run_dir=self.run_dir, checkpoint_step=resume_step)
-        if not self.enabled:
-            return
-        self.config = asdict(args)
-        atomic_write(self.run_dir / "config.json", json.dumps(self.config, indent=2) + "\n")
-        if resume_step is not None:
+        self.args, self.metrics_file = args, None
+        if self.enabled and resume_step is not None:
             for name in ("metrics.jsonl", "completions.jsonl"):
                 path = self.run_dir / name
                 if path.exists():
                     kept = [line for line in path.read_text().splitlines(keepends=True)
                             if line.strip() and _record_step(line) <= resume_step]
                     atomic_write(path, "".join(kept))
+
+    def _start(self) -> None:
+        """config.json (replaced atomically) and W&B, with the first record: after the method's set-up, so that the
+        config holds what the set-up filled in (dph_rl's rehearsal set size)."""
+        args, self.config = self.args, asdict(self.args)
+        atomic_write(self.run_dir / "config.json", json.dumps(self.config, indent=2) + "\n")
         self.metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         if args.track:
             import wandb
@@ -1930,6 +1948,8 @@ class RunLogger:
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
             return
+        if self.metrics_file is None:
+            self._start()
         record = {"step": step, **{k: (float(v) if isinstance(v, (int, float, np.floating, torch.Tensor)) else v)
                                    for k, v in metrics.items()}}
         with disk_errors(self.run_dir):  # a torn last line is dropped on resume (_record_step)
@@ -1948,7 +1968,7 @@ class RunLogger:
     def close(self) -> None:
         """The end of the run. Under torchrun every process waits here for the others, then leaves the process group
         (a process that tears gloo down while another still talks to it can abort)."""
-        if self.enabled:
+        if self.enabled and self.metrics_file is not None:
             self.metrics_file.close()
             if self.wandb is not None:
                 self.wandb.finish()

@@ -265,8 +265,8 @@ class RehearsalSet:
         return torch.stack([prompt_tokens, self.mask.sum(-1).long()], -1)
 
 
-def presample_pool(policy, tokenizer, task, items: list[dict],
-                   args) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
+def presample_pool(policy, tokenizer, task, items: list[dict], presample_k: int,
+                   sampling: common.Sampling) -> tuple[torch.Tensor, torch.Tensor, list[tuple]]:
     """Sample presample_k responses per item with the initial policy, printing progress. Returns the
     verdicts (N,) bool, the item index of each response (N,), and (item index, prompt ids, response
     ids) for every correct response, in item order. Under torchrun each process samples its share of
@@ -274,13 +274,12 @@ def presample_pool(policy, tokenizer, task, items: list[dict],
     # equal shares, padded: every process makes as many generate calls
     mine, n_mine, first = common.padded_share(items)
     share = len(mine)
-    prompts_per_chunk = max(1, 1024 // args.presample_k)
+    prompts_per_chunk = max(1, 1024 // presample_k)
     correct, item_index, kept, start_time = [], [], [], time.time()
     for start in range(0, share, prompts_per_chunk):
         chunk = mine[start : start + prompts_per_chunk]
         prompts = [task.prompt(item) for item in chunk]
-        ro = common.rollout(policy, tokenizer, prompts, args.presample_k, args.max_new_tokens,
-                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
+        ro = common.rollout(policy, tokenizer, prompts, presample_k, sampling=sampling)
         for b, i in enumerate(ro.prompt_index.tolist()):
             if start + i >= n_mine:  # padding
                 continue
@@ -390,8 +389,7 @@ if __name__ == "__main__":
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                       top_p=args.top_p, top_k=args.top_k, backend=args.rollout)
+    sampling = common.Sampling.from_args(args)  # for rollouts, evaluations and any pre-pass
     # memory bounds of the no-grad passes
     micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)
     print(f"run folder: {logger.run_dir}")
@@ -421,7 +419,8 @@ if __name__ == "__main__":
     else:
         pool = train_items[: args.pool_prompts]
         # (N,), (N,) over the whole pool
-        correct, pool_index, correct_responses = presample_pool(policy, tokenizer, task, pool, args)
+        correct, pool_index, correct_responses = presample_pool(policy, tokenizer, task, pool,
+                                                                 args.presample_k, sampling=sampling)
         in_rehearsal = split_pool(correct, pool_index, len(pool),
                                   args.rehearsal_threshold)  # (n_pool,)
         exploration_items = [item for item, keep in zip(pool, in_rehearsal.tolist()) if not keep]
@@ -447,7 +446,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples,
-                                  **eval_kwargs)
+                                  sampling=sampling)
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -456,8 +455,7 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: rollout and rewards
         items = common.shard(sampler.next_batch())  # this process's prompts
         prompts = [task.prompt(item) for item in items]
-        ro = common.rollout(policy, tokenizer, prompts, args.group_size, args.max_new_tokens,
-                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
+        ro = common.rollout(policy, tokenizer, prompts, args.group_size, sampling=sampling)
         response_items = [items[i] for i in ro.prompt_index.tolist()]  # each response's prompt item
         verdicts = [task.verify(item, text) for item, text in zip(response_items, ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
@@ -586,10 +584,10 @@ if __name__ == "__main__":
         last_step = step == args.num_steps
         if args.eval_every and step % args.eval_every == 0 and not last_step:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples,
-                                           **eval_kwargs))
+                                           sampling=sampling))
         if last_step:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items,
-                                           args.final_eval_samples, **eval_kwargs))
+                                           args.final_eval_samples, sampling=sampling))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
 

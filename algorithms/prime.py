@@ -361,8 +361,7 @@ if __name__ == "__main__":
         sampler.load_state_dict(checkpoint["sampler"])
         guard.skipped, start_step = checkpoint["skipped_steps"], checkpoint["step"] + 1
     logger = common.RunLogger(args, run_name, resume_step=start_step - 1 if args.resume else None)
-    eval_kwargs = dict(temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                       top_p=args.top_p, top_k=args.top_k, backend=args.rollout)
+    sampling = common.Sampling.from_args(args)  # for rollouts, evaluations and any pre-pass
     # memory bounds of the no-grad passes
     micro = dict(micro_batch_size=args.micro_batch_size, micro_batch_tokens=args.micro_batch_tokens)
     print(f"run folder: {logger.run_dir}")
@@ -388,7 +387,7 @@ if __name__ == "__main__":
     # TRY NOT TO MODIFY: evaluate the base model, then train
     if start_step == 1:
         metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples,
-                                  **eval_kwargs)
+                                  sampling=sampling)
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -397,8 +396,7 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: rollout and rewards
         items = common.shard(sampler.next_batch())  # this process's prompts
         prompts = [task.prompt(item) for item in items]
-        ro = common.rollout(policy, tokenizer, prompts, args.group_size, args.max_new_tokens,
-                            args.temperature, args.top_p, args.top_k, backend=args.rollout)
+        ro = common.rollout(policy, tokenizer, prompts, args.group_size, sampling=sampling)
         response_items = [items[i] for i in ro.prompt_index.tolist()]  # each response's prompt item
         verdicts = [task.verify(item, text) for item, text in zip(response_items, ro.texts)]
         rewards = torch.tensor([float(correct) for correct, _ in verdicts], device=device)  # (B,)
@@ -591,10 +589,10 @@ if __name__ == "__main__":
         last_step = step == args.num_steps
         if args.eval_every and step % args.eval_every == 0 and not last_step:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples,
-                                           **eval_kwargs))
+                                           sampling=sampling))
         if last_step:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items,
-                                           args.final_eval_samples, **eval_kwargs))
+                                           args.final_eval_samples, sampling=sampling))
         logger.log(step, metrics)
         print(common.summary_line(step, args.num_steps, metrics), flush=True)
 

@@ -115,7 +115,8 @@ def main(args: Args) -> dict:
     record["transformers"] = transformers.__version__
 
     def rollout_with(backend, model):
-        return lambda: common.rollout(model, tokenizer, prompts, args.group_size, args.new_tokens, 1.0, backend=backend)
+        return lambda: common.rollout(model, tokenizer, prompts, args.group_size,
+                                      common.Sampling(args.new_tokens, backend=backend))
 
     runs = [(backend, policy) for backend in args.backends]
     if device.type == "cuda":

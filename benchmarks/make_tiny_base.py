@@ -127,7 +127,8 @@ def ranking_and_rehearsal(model, tokenizer, task, args) -> dict:
     pairs = {"sequence": [], "token": []}
     for start in range(0, args.pair_prompts, 64):
         items = train[start:min(start + 64, args.pair_prompts)]
-        ro = common.rollout(model, tokenizer, [task.prompt(item) for item in items], 8, task.max_new_tokens)
+        ro = common.rollout(model, tokenizer, [task.prompt(item) for item in items], 8,
+                            common.Sampling(task.max_new_tokens))
         stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_ids.shape[1],
                                          with_entropy=True)
         mask = ro.response_mask.float()
@@ -144,7 +145,8 @@ def ranking_and_rehearsal(model, tokenizer, task, args) -> dict:
     pool = train[: args.pool_prompts]
     for start in range(0, len(pool), 128):
         items = pool[start:start + 128]
-        ro = common.rollout(model, tokenizer, [task.prompt(item) for item in items], args.presample_k, task.max_new_tokens)
+        ro = common.rollout(model, tokenizer, [task.prompt(item) for item in items], args.presample_k,
+                            common.Sampling(task.max_new_tokens))
         correct = torch.tensor([task.verify(items[i], text)[0] for i, text in zip(ro.prompt_index.tolist(), ro.texts)])
         solved_all += int(correct.view(len(items), args.presample_k).all(-1).sum())
     return {"em_rl/pairs": len(pairs["sequence"]),
@@ -211,7 +213,7 @@ def train(args: Args, task) -> float:
         optimizer.step()
         scheduler.step()
         if step % args.eval_every == 0 or step == args.steps:
-            greedy = common.evaluate(model, tokenizer, task, val_items, 0, 1.0, task.max_new_tokens)
+            greedy = common.evaluate(model, tokenizer, task, val_items, 0, common.Sampling(task.max_new_tokens))
             print(f"step {step}/{args.steps} | loss {loss.item():.3f} | greedy acc (256 val) {greedy['eval/greedy_acc']:.3f}"
                   f" | second skill {greedy['eval/second_skill/greedy_acc']:.3f} | {time.time() - start_time:.0f}s",
                   flush=True)
@@ -235,7 +237,8 @@ if __name__ == "__main__":
     common.seed_everything(args.seed)
     model, tokenizer = common.load_model_and_tokenizer(args.out)
     test_items = task.eval_items("test", len(task.items("test")))
-    metrics = common.evaluate(model, tokenizer, task, test_items, args.eval_samples, 1.0, task.max_new_tokens)
+    metrics = common.evaluate(model, tokenizer, task, test_items, args.eval_samples,
+                              common.Sampling(task.max_new_tokens))
     metrics.update(ranking_and_rehearsal(model, tokenizer, task, args))
     if args.prime_steps:
         metrics.update(prime_ranking(args.out, args.prime_steps, args.prime_seeds))

@@ -184,7 +184,7 @@ def measure_kv(backend: str, rows: int = 64) -> float:
         model = build("tiny", layers, SMALL_VOCAB)
         for new in lengths:
             with AllocationTracker() as tracker:
-                common.rollout(model, tokenizer, prompts, 1, new, greedy=True, backend=backend)
+                common.rollout(model, tokenizer, prompts, 1, common.Sampling(new, backend=backend), greedy=True)
             peaks[layers, new] = tracker.peak
         common._LOW_PRECISION_COPIES.pop(model, None)
     growth = [peaks[layers, lengths[1]] - peaks[layers, lengths[0]] for layers in (1, 2)]

@@ -99,7 +99,8 @@ def random_model(embedded):
 def sample_batch(model, tokenizer):
     """A seeded rollout of 2 prompts x 4 responses: (rollout, response mask as float (8, T), T)."""
     torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4, max_new_tokens=24)
+    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=4,
+                        sampling=common.Sampling(24))
     return ro, ro.response_mask.float(), ro.response_ids.shape[1]
 
 

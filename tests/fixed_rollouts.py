@@ -25,8 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
-def fixed_rollout(model, tokenizer, prompts, group_size, max_new_tokens, *args, **kwargs) -> common.Rollout:
+def fixed_rollout(model, tokenizer, prompts, group_size, sampling, greedy=False) -> common.Rollout:
     """Responses drawn from the prompt's text alone: up to max_new_tokens random tokens, ended by EOS unless truncated."""
+    max_new_tokens = sampling.max_new_tokens
     eos = common.eos_ids(common.unwrap(model))[0]
     device = next(common.unwrap(model).parameters()).device
     enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)

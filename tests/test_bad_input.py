@@ -499,7 +499,7 @@ def test_evaluation_prints_progress_lines(embedded, capsys, monkeypatch):
     monkeypatch.setattr(common, "PROGRESS_SECONDS", 0.0)
     task = common.get_task("countdown")
     items = task.eval_items("test", 6)  # and 3 of the second skill
-    common.evaluate(*embedded, task, items, 4, 1.0, 8, batch_size=12)  # 3 prompts per sampled batch
+    common.evaluate(*embedded, task, items, 4, sampling=common.Sampling(8), batch_size=12)  # 3 prompts per sampled batch
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("evaluating, greedy: 9/9 prompts (")  # one greedy batch, then three sampled ones
     assert [line.split(" (")[0] for line in lines[1:]] == [f"evaluating, 4 samples each: {n}/9 prompts" for n in (3, 6, 9)]

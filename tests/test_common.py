@@ -98,7 +98,8 @@ def test_reloaded_embedded_model_solves_countdown(embedded):
     """Catches a tokenizer or weights that do not survive save -> from_pretrained (a broken reload scores ~0%)."""
     model, tokenizer = embedded
     task = common.get_task("countdown")
-    metrics = common.evaluate(model, tokenizer, task, task.items("test")[:64], 0, 1.0, task.max_new_tokens)
+    metrics = common.evaluate(model, tokenizer, task, task.items("test")[:64], 0,
+                              sampling=common.Sampling(task.max_new_tokens))
     assert metrics["eval/greedy_acc"] >= 0.25
 
 
@@ -106,7 +107,7 @@ def test_rollout_contract(embedded):
     model, tokenizer = embedded
     torch.manual_seed(0)
     prompts = ["17 13 5>6:", "9 9 1>81:", "3 5 7>22:"]
-    ro = common.rollout(model, tokenizer, prompts, group_size=4, max_new_tokens=12)
+    ro = common.rollout(model, tokenizer, prompts, group_size=4, sampling=common.Sampling(12))
     B, T = ro.response_ids.shape
     assert B == 12 and ro.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert ro.input_ids.shape == (B, ro.prompt_len + T) and torch.equal(ro.input_ids[:, ro.prompt_len:], ro.response_ids)
@@ -138,7 +139,7 @@ def test_evaluate_reports_every_metric_and_each_subset(embedded):
     task = common.get_task("countdown")
     items = task.eval_items("test", 8)  # 4 one-solution and 4 several-solution prompts, then 4 of the second skill
     torch.manual_seed(0)
-    metrics = common.evaluate(model, tokenizer, task, items, 4, 1.0, task.max_new_tokens)
+    metrics = common.evaluate(model, tokenizer, task, items, 4, sampling=common.Sampling(task.max_new_tokens))
     names = ["greedy_acc", "mean@4", "pass@1", "pass@2", "pass@4", "distinct_correct"]
     prefixes = ["", "one_solution/", "several_solutions/", "second_skill/"]
     assert set(metrics) == {f"eval/{prefix}{name}" for prefix in prefixes for name in names}

@@ -71,7 +71,7 @@ def test_shared_helpers_agree_across_processes():
 def greedy_eval(n_prompts):
     model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
     task = common.get_task("countdown")
-    return common.evaluate(model, tokenizer, task, task.items("test")[:n_prompts], 0, 1.0, 32)
+    return common.evaluate(model, tokenizer, task, task.items("test")[:n_prompts], 0, common.Sampling(32))
 
 
 def test_evaluation_split_over_processes_equals_one_process():

@@ -142,6 +142,9 @@ def test_script_trains_with_the_alpha_divergence(tmp_path):
     assert (config["divergence"], config["alpha"]) == ("alpha", 0.3)
     step1, step2 = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[1:]]
     assert step1["charts/rehearsal_prompts"] > 0
+    # the config is written after the pre-pass: it records the real set sizes (it said 0 when written before)
+    assert config["rehearsal_prompts"] == step1["charts/rehearsal_prompts"]
+    assert config["rehearsal_prompts"] + config["exploration_prompts"] == 16  # --pool-prompts
     assert step1["losses/rehearsal_loss"] == pytest.approx(0.0, abs=1e-6)  # u = 1 before the first update
     assert step2["losses/rehearsal_loss"] > 0 and step2["losses/rehearsal_u_mean"] != pytest.approx(1.0, abs=1e-6)
 
@@ -185,8 +188,8 @@ def _presample(pool_size):
     # top_k 1: the samples are the greedy responses, the same in any process and batch, so the runs can be compared
     model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
     task = common.get_task("countdown", "", tokenizer)
-    args = SimpleNamespace(presample_k=2, max_new_tokens=32, temperature=1.0, top_p=1.0, top_k=1, rollout="generate")
-    correct, item_index, kept = dph.presample_pool(model, tokenizer, task, task.train_items()[:pool_size], args)
+    sampling = common.Sampling(32, top_k=1)
+    correct, item_index, kept = dph.presample_pool(model, tokenizer, task, task.train_items()[:pool_size], 2, sampling)
     return correct, item_index, [(i, prompt.tolist(), response.tolist()) for i, prompt, response in kept]
 
 

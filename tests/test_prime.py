@@ -103,7 +103,8 @@ def test_no_gradient_reaches_the_prm_reference(random_model):
     prm, tokenizer = random_model
     reference = copy.deepcopy(prm)  # deliberately left trainable: the function itself must keep it out of the graph
     torch.manual_seed(0)
-    ro = common.rollout(prm, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=2, max_new_tokens=6)
+    ro = common.rollout(prm, tokenizer, ["17 13 5>6:", "3 5 7>22:"], group_size=2,
+                        sampling=common.Sampling(6))
     mask, T = ro.response_mask.float(), ro.response_ids.shape[1]
     with torch.no_grad():
         old_logp = common.response_logprobs(prm, ro.input_ids, ro.attention_mask, T).logp

@@ -178,16 +178,19 @@ def test_a_resume_killed_while_rewriting_its_files_leaves_them_intact(tmp_path, 
         raise KeyboardInterrupt  # stands in for SIGKILL after the new file is written, before it replaces the old one
 
     monkeypatch.setattr(common.os, "replace", killed)
-    for killed_in in ("config.json", "metrics.jsonl"):  # the resume rewrites config.json first, then metrics.jsonl
-        if killed_in == "metrics.jsonl":  # let the config.json rewrite pass (as a no-op) to reach metrics.jsonl's
-            monkeypatch.setattr(common, "atomic_write", lambda path, text, write=common.atomic_write:
-                                path.name == "config.json" or write(path, text))
-        with pytest.raises(KeyboardInterrupt):
-            common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3)
-        assert {name: (run_dir / name).read_text() for name in before} == before
+    with pytest.raises(KeyboardInterrupt):  # the resume drops metrics.jsonl's records after the checkpoint
+        common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3)
+    assert {name: (run_dir / name).read_text() for name in before} == before
     monkeypatch.undo()
-    common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3).close()
-    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 3]
+    resumed = common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3)
+    monkeypatch.setattr(common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):  # ... and rewrites config.json with its first record
+        resumed.log(4, {"x": 4})
+    assert (run_dir / "config.json").read_text() == before["config.json"]
+    monkeypatch.undo()
+    resumed.log(4, {"x": 4})
+    resumed.close()
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 3, 4]
     assert json.loads((run_dir / "config.json").read_text())["num_steps"] == 9
     with pytest.raises(common.UserInputError, match="--num-steps 2 is below the run's checkpoint"):
         common.RunLogger(ToyArgs(num_steps=2, resume=str(run_dir)), "run", resume_step=3)

@@ -16,7 +16,7 @@ def test_rollout_backends_give_the_same_greedy_responses(embedded):
     model, tokenizer = embedded
     task = common.get_task("countdown")
     prompts = [task.prompt(item) for item in task.items("test")[:6]]
-    rollouts = {backend: common.rollout(model, tokenizer, prompts, 2, 32, greedy=True, backend=backend)
+    rollouts = {backend: common.rollout(model, tokenizer, prompts, 2, common.Sampling(32, backend=backend), greedy=True)
                 for backend in common.ROLLOUT_BACKENDS}
     reference = rollouts["generate"]
     assert reference.texts[0::2] == reference.texts[1::2]  # 2 responses per prompt, next to each other
@@ -35,7 +35,8 @@ def test_rollout_backends_give_the_same_greedy_responses(embedded):
 def test_continuous_batching_samples_keep_the_rollout_contract(embedded):
     model, tokenizer = embedded
     torch.manual_seed(0)
-    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:", "1 2 3>6:"], 4, 8, backend="continuous")
+    ro = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:", "1 2 3>6:"], 4,
+                        common.Sampling(8, backend="continuous"))
     B, T = ro.response_ids.shape
     assert B == 12 and 1 <= T <= 8 and ro.input_ids.shape == (12, ro.prompt_len + T)
     assert torch.equal(ro.input_ids[:, ro.prompt_len:], ro.response_ids)
@@ -53,7 +54,7 @@ def test_continuous_batching_samples_keep_the_rollout_contract(embedded):
 def test_unknown_rollout_backend_is_a_clear_error(embedded):
     model, tokenizer = embedded
     with pytest.raises(common.UserInputError, match="unknown rollout backend"):
-        common.rollout(model, tokenizer, ["1 2 3>6:"], 1, 4, backend="vllm")
+        common.rollout(model, tokenizer, ["1 2 3>6:"], 1, common.Sampling(4, backend="vllm"))
 
 
 def test_trimmed_micro_batches_equal_one_full_pass_on_valid_tokens(embedded):
@@ -254,7 +255,7 @@ def test_bf16_autocast_paths_run(embedded):
     fp32 = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True)
     model.autocast_dtype = torch.bfloat16  # what load_model_and_tokenizer sets on a GPU with --bf16
     for backend in common.ROLLOUT_BACKENDS:
-        out = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], 2, 8, backend=backend)
+        out = common.rollout(model, tokenizer, ["17 13 5>6:", "3 5 7>22:"], 2, common.Sampling(8, backend=backend))
         assert out.response_ids.shape[0] == 4 and out.input_ids.dtype == torch.long
     stats = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, with_entropy=True, micro_batch_size=3)
     assert stats.logp.dtype == torch.float32 and not torch.equal(stats.logp, fp32.logp)  # computed in bf16
