@@ -1,10 +1,10 @@
-"""Shared, algorithm-free pieces of every script in `algorithms/`.
+"""Shared, algorithm-free pieces of every script in `algorithms/` (advantages and losses stay in those files).
 
-What lives here (and nothing else, by design; advantages and losses stay in the algorithm files):
-tasks and reward verification, model/tokenizer loading, rollout, masked log-probs and entropy, pass@k evaluation,
-seeding, and the run folder / logging. Conventions every file relies on: group statistics go by
-prompt index, never position; the mask covers tokens up to and including the first EOS (pad may
-equal EOS); log-probs come from temperature-scaled fp32 logits, old_logp once per rollout (no_grad).
+Read top to bottom in the order a script uses them: model loading, rollout, log-probs and entropy, evaluation,
+tasks and verifiers; then, under one closing banner, the run infrastructure (errors, flag checks, processes,
+checkpoints, logging) that a trainer of your own would replace. Conventions every file relies on: group statistics
+go by prompt index, never position; the mask covers tokens up to and including the first EOS (pad may equal EOS);
+log-probs come from temperature-scaled fp32 logits, old_logp once per rollout (no_grad).
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parent
+
 EMBEDDED_MODEL = "benchmarks/tiny-countdown"
 """The tiny base model that ships with the repository (built by `benchmarks/make_tiny_base.py`)."""
 
@@ -50,62 +51,485 @@ class TrainingStopped(Exception):
     """The run cannot go on (e.g. non-finite losses step after step). Printed as one line, without a traceback."""
 
 
-def _excepthook(exc_type, exc, tb):
-    if issubclass(exc_type, (UserInputError, TrainingStopped)):
-        print(f"error: {exc}", file=sys.stderr)
-        if issubclass(exc_type, FlagError):  # a usage error: exit code 2, as argparse's (nothing is open yet)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(2)
-    elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: one line (rank 0's), not a traceback
-        if os.environ.get("RANK", "0") == "0":
-            print(f"interrupted: {where_to_resume()}", file=sys.stderr)
-    else:
-        sys.__excepthook__(exc_type, exc, tb)
+# --------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------
 
 
-sys.excepthook = _excepthook
-sys.stdout.reconfigure(line_buffering=True)  # every printed line reaches a pipe (a log file, `tee`) at once
-
-RUN_STATE: dict = {"run_dir": None, "checkpoint_step": None}
-"""The run folder and the step of its last checkpoint on disk, kept by RunLogger and save_checkpoint, for the
-one-line messages that end a run early (Ctrl-C, a full disk, non-finite weights)."""
-
-
-def where_to_resume() -> str:
-    """Where the last checkpoint of this run is and the command that continues from it (or that there is none)."""
-    run_dir, step = RUN_STATE["run_dir"], RUN_STATE["checkpoint_step"]
-    if run_dir is None:
-        return "the run had not started; nothing was written"
-    if step is None:
-        return f"no checkpoint was saved yet in {run_dir} (see --checkpoint-every); nothing to resume"
-    world = os.environ.get("WORLD_SIZE", "1")
-    launcher = f"torchrun --nproc-per-node {world}" if world != "1" else "python"
-    return f"the last checkpoint is step {step} in {run_dir}; continue with: {launcher} {sys.argv[0]} --resume {run_dir}"
+def resolve_model_path(name: str) -> str:
+    """A local folder (relative to the working directory, then to the repository root), else a hub id `org/name`."""
+    for candidate in (Path(name).expanduser(), REPO_ROOT / name):
+        if candidate.is_dir():
+            return str(candidate)
+    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name):
+        raise UserInputError(f"model folder not found: {name}")
+    return name
 
 
-@contextlib.contextmanager
-def disk_errors(folder, *partial: Path):
-    """A failed write inside (a full disk, a folder gone read-only) becomes one line naming `folder` and the last
-    checkpoint (TrainingStopped); the `partial` files or folders it may have left are removed first."""
+def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16: bool = False,
+                             gradient_checkpointing: bool = False, frozen: bool = False):
+    """Load a causal LM and its tokenizer with `from_pretrained`, from a local folder or the hub.
+
+    The tokenizer pads on the left (for batched generation) and falls back to EOS as pad. The model's own
+    generation_config is replaced by one that keeps only its special-token ids, so sampling is set by our flags
+    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy);
+    the original stays in `model.base_generation_config` for `save_pretrained`. Dropout is switched off
+    (`disable_dropout`).
+
+    Precision: with `bf16` on a GPU, a model to train keeps fp32 weights (AdamW updates of ~1e-6 vanish in bf16) and
+    computes in bf16 under autocast in `rollout` and `response_logprobs`; a `frozen` model (reference, never trained)
+    is stored in bf16. On the CPU everything stays fp32. `gradient_checkpointing` recomputes each layer's activations
+    in the backward pass (less memory, about a third more compute)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars in run logs
+    path = resolve_model_path(name)
+    low_precision = bf16 and torch.device(device).type == "cuda"
+    local = Path(path).is_dir()
+    if local and not (Path(path) / "config.json").is_file():
+        raise UserInputError(f"model folder {name!r} has no config.json: not a saved model")
     try:
-        yield
-    except OSError as exc:
-        for path in partial:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        why = "no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
-        raise TrainingStopped(f"could not write to {folder}: {why}; {where_to_resume()}") from None
+        config = AutoConfig.from_pretrained(path)
+    except Exception as exc:  # OSError (missing files, offline hub), ValueError (unknown model type), ...
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc)
+        hint = " (offline: pass a local path)" if offline and not local else ""
+        raise UserInputError(f"could not load model {name!r}{hint}: {_first_line(exc)}") from None
+    architectures = config.architectures or []
+    if config.is_encoder_decoder or not all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise UserInputError(f"model {name!r} is not a causal (decoder-only) language model: "
+                             f"{', '.join(architectures) or config.model_type}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        usable = len(tokenizer("1 + 2 = 3", add_special_tokens=False).input_ids) > 0
+    except Exception as exc:  # no tokenizer files: transformers tries to convert a slow tokenizer and fails
+        files = local and not any(Path(path).glob("tokenizer*")) and not any(Path(path).glob("*.model"))
+        why = "the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)" if files else _first_line(exc)
+        raise UserInputError(f"model {name!r} has no usable tokenizer: {why}") from None
+    if not usable:
+        raise UserInputError(f"model {name!r} has no usable tokenizer: it encodes text to no tokens")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if low_precision and frozen else torch.float32)
+    except Exception as exc:  # a truncated or corrupt weights file, missing weights, a config the class rejects
+        raise UserInputError(f"could not read the weights of model {name!r}: {_first_line(exc)}") from None
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise UserInputError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
+                             f"{rows} rows (vocab_size); the tokenizer does not belong to these weights")
+    disable_dropout(model)
+    tokenizer.padding_side = "left"
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    if eos is None:
+        raise UserInputError(f"model {name!r} has no end-of-sequence token (eos_token_id in its generation_config.json, "
+                             "config.json or tokenizer): responses could never end")
+    if tokenizer.pad_token_id is None:  # pad with EOS: the response mask ends at the first EOS anyway
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos[0] if isinstance(eos, list) else eos)
+    model.base_generation_config = model.generation_config
+    model.generation_config = GenerationConfig(
+        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=model.generation_config.bos_token_id
+    )
+    model.autocast_dtype = torch.bfloat16 if low_precision and not frozen else None  # read by autocast()
+    if gradient_checkpointing and not frozen:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model.to(device), tokenizer
 
 
-def _first_line(exc: BaseException) -> str:
-    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def position_limit(model) -> int | None:
+    """The longest sequence (prompt + response) the model's config allows, or None when it states no limit."""
+    config = unwrap(model).config
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return None
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Tasks and verifiers
-# ---------------------------------------------------------------------------------------------------------------------
+def disable_dropout(model) -> None:
+    """Dropout off in every model we load (as TRL does): with it on, two passes over the same tokens give different
+    log-probs, so the first, on-policy mini-batch would not have ratio 1 and approx_kl 0. Covers `nn.Dropout` modules
+    and the float rates that attention implementations read at forward time (module attributes and the config)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    for key, value in model.config.to_dict().items():
+        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
+            setattr(model.config, key, 0.0)
+
+
+def autocast(model):
+    """The autocast context for a forward pass of `model` (a no-op unless it was loaded with bf16 on a GPU)."""
+    dtype = getattr(unwrap(model), "autocast_dtype", None)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
+
+
+def eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+# --------------------------------------------------------------------------------------------------
+# Rollout
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Rollout:
+    """B = n_prompts * G responses. Response token t of row b sits at `input_ids[b, prompt_len + t]`."""
+
+    input_ids: torch.Tensor  # (B, P + T) left-padded prompt ⊕ response
+    attention_mask: torch.Tensor  # (B, P + T)
+    response_ids: torch.Tensor  # (B, T)
+    response_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
+    prompt_index: torch.Tensor  # (B,) index into the list of prompts this response answers
+    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
+    texts: list[str]  # decoded responses (special tokens removed)
+    prompt_len: int
+
+    @property
+    def widths(self) -> torch.Tensor:
+        """(B, 2) real tokens per row: the prompt without its padding, and the response up to its first EOS."""
+        return torch.stack([self.attention_mask[:, : self.prompt_len].sum(-1), self.response_mask.sum(-1)], -1)
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for tokens up to and including the first EOS, 0 after; correct when pad == eos."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device, dtype=torch.long)).long()
+    return ((torch.cumsum(is_eos, dim=-1) - is_eos) == 0).long()
+
+
+ROLLOUT_BACKENDS = ("generate", "static", "continuous")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How responses are sampled, built once from the flags and passed to `rollout`, `evaluate` and any pre-pass.
+    `backend` is the generation backend (ROLLOUT_BACKENDS); top_p 1 and top_k 0 are off."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    backend: str = "generate"
+
+    @classmethod
+    def from_args(cls, args) -> "Sampling":
+        return cls(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.rollout)
+
+
+@torch.no_grad()
+def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sampling, greedy: bool = False) -> Rollout:
+    """Sample `group_size` responses per prompt, in one batch. Backends (the same outputs, the same sampling):
+    - `generate`: HF `generate` with its dynamic KV cache;
+    - `static`: `generate` with a preallocated static KV cache (`cache_implementation="static"`), with which
+      transformers compiles the decoding step on a GPU (prompts are padded to a multiple of 64 tokens, so that few
+      shapes are compiled);
+    - `continuous`: continuous batching (`generate_batch`, paged attention): finished sequences leave the batch and
+      the G responses to a prompt share its prefix's cache blocks.
+    With bf16 on a GPU, `static` and `continuous` decode in a bf16 copy of the fp32 policy (refreshed at each call:
+    2 bytes a parameter more), since their caches hold one dtype; `generate` runs the policy under autocast.
+    Under FSDP every process keeps stepping until all are done (`synced_gpus`), since each forward is collective."""
+    max_new_tokens, temperature, backend = sampling.max_new_tokens, sampling.temperature, sampling.backend
+    if not greedy and not temperature > 0:
+        raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
+    if backend not in ROLLOUT_BACKENDS:
+        raise UserInputError(f"unknown rollout backend {backend!r}; choose one of: {', '.join(ROLLOUT_BACKENDS)}")
+    if backend == "continuous" and is_fsdp(model):
+        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
+    policy = unwrap(model)
+    device = next(policy.parameters()).device
+    pad_to = 64 if backend == "static" else None  # a compiled static-cache step recompiles for every new length
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to,
+                    add_special_tokens=False).to(device)
+    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
+    prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
+    knobs = {} if greedy else dict(temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    eos = eos_ids(policy)
+    # a static or paged cache wants one dtype for keys and values: those backends decode in a bf16 copy
+    generator = _low_precision_copy(policy) if backend != "generate" and not is_fsdp(model) else policy
+    was_training = policy.training
+    policy.eval()
+    with autocast(generator):
+        if backend == "continuous":
+            response_ids = _continuous_batching(generator, enc, group_size, max_new_tokens, greedy, knobs,
+                                                tokenizer.pad_token_id)
+        else:
+            extra = {"cache_implementation": "static"} if backend == "static" else {}
+            out = generator.generate(input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=max_new_tokens,
+                                     do_sample=not greedy, use_cache=True, synced_gpus=is_fsdp(model), **extra, **knobs)
+            response_ids = out[:, prompt_ids.shape[1]:]
+    policy.train(was_training)
+    P = prompt_ids.shape[1]
+    out = torch.cat([prompt_ids, response_ids], dim=1)
+    response_mask = response_mask_from_ids(response_ids, eos)
+    is_eos = torch.isin(response_ids, torch.tensor(eos, device=device))
+    truncated = ~is_eos.any(dim=-1)
+    texts = tokenizer.batch_decode(response_ids * response_mask + (1 - response_mask) * tokenizer.pad_token_id,
+                                   skip_special_tokens=True)
+    attention_mask = torch.cat([prompt_attn, torch.ones_like(response_ids)], dim=1)
+    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
+    return Rollout(out, attention_mask, response_ids, response_mask, prompt_index, truncated, texts, P)
+
+
+_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _low_precision_copy(model):
+    """For a model trained in fp32 under bf16 autocast: a bf16 copy holding its current weights. Static and paged KV
+    caches hold one dtype, while autocast gives bf16 values but fp32 keys (rotary embeddings in the weights' dtype);
+    continuous batching also decodes in a worker thread, which the caller's autocast does not reach. Made once,
+    refreshed on every call; the model itself where no autocast is set (the CPU). Only the parameters are cast:
+    buffers keep the model's dtype (RoPE's fp32 `inv_freq` in bf16 would shift the rotary angles by ~0.1 rad at
+    position 500, so sampling would drift off-policy on long responses)."""
+    dtype = getattr(model, "autocast_dtype", None)
+    if dtype is None:
+        return model
+    if model not in _LOW_PRECISION_COPIES:
+        shadow = copy.deepcopy(model).eval().requires_grad_(False)
+        for param in shadow.parameters():
+            param.data = param.data.to(dtype)
+        _LOW_PRECISION_COPIES[model] = shadow
+    shadow = _LOW_PRECISION_COPIES[model]
+    for target, source in zip(shadow.parameters(), model.parameters(), strict=True):
+        target.copy_(source)
+    return shadow
+
+
+# continuous batching logs two lines about psutil (absent: CPU memory accounting only) on every call
+logging.getLogger("ContinuousBatchingLogger").addFilter(lambda record: "psutil" not in record.getMessage())
+
+
+def _continuous_batching(model, enc, group_size: int, max_new_tokens: int, greedy: bool, sampling: dict,
+                         pad_id: int) -> torch.Tensor:
+    """Responses from `generate_batch`, as a (n_prompts * G, T) tensor padded with `pad_id` on the right; row
+    i * G + j is the j-th response to prompt i, as with `generate`."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    forks = 1 if greedy else group_size  # sampled responses fork from their prompt's request (shared prefix blocks)
+    requests = [p for p in prompts for _ in range(group_size // forks)]
+    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, num_return_sequences=forks,
+                              eos_token_id=model.generation_config.eos_token_id, pad_token_id=pad_id, **sampling)
+    page = 256  # tokens per cache block; the cache is sized to this rollout (by default it takes 90% of free memory)
+    blocks = len(prompts) * group_size * math.ceil((enc["input_ids"].shape[1] + max_new_tokens) / page) + 1
+    cb_config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks)
+    results = model.generate_batch(requests, generation_config=config, continuous_batching_config=cb_config)
+    outputs = list(results.values())  # ordered by prompt, the G responses to a prompt next to each other
+    if len(outputs) != len(prompts) * group_size or any(o.error is not None for o in outputs):
+        raise RuntimeError("continuous batching lost or failed requests; rerun with --rollout generate")
+    T = max(1, max(len(o.generated_tokens) for o in outputs))
+    response_ids = torch.full((len(outputs), T), pad_id, dtype=torch.long)
+    for row, output in enumerate(outputs):
+        tokens = output.generated_tokens[:max_new_tokens]
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return response_ids.to(enc["input_ids"].device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Log-probs and entropy
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenStats:
+    """Per-response-token statistics of a policy, each (B, T); the optional ones are None unless requested."""
+
+    logp: torch.Tensor  # log-prob of the sampled token
+    entropy: torch.Tensor | None = None  # full-vocabulary entropy of the next-token distribution
+    vocab_mean: torch.Tensor | None = None  # mean over the vocabulary of the log-probs (ROVER's uniform-policy value)
+
+
+LOGITS_CHUNK = 2**24
+"""At most this many fp32 logits (64 MB: ~110 rows of a 152k vocabulary), and 1/16 of the rows, go through fp32 at once
+in `_LogitStats`: its few temporaries stay small beside the logits themselves."""
+
+
+def _logit_chunk(logits: torch.Tensor) -> int:
+    return max(1, min(LOGITS_CHUNK // logits.shape[1], logits.shape[0] // 16))
+
+
+class _LogitStats(torch.autograd.Function):
+    """From (n, V) logits x and taken tokens y (n,): with z = x / temperature, log p(y) = z_y - logsumexp(z), the entropy
+    H = logsumexp(z) - sum_v p_v z_v and the vocabulary mean of log p. Rows go through fp32 in chunks of
+    LOGITS_CHUNK elements, so no fp32 copy of the logits exists. The backward recomputes softmax chunk by chunk,
+    d log p(y)/dz = onehot(y) - p and dH/dz = -p (log p + H), and writes the logits' gradient over the logits (saved
+    for it and read by nothing else): one (n, V) tensor is alive in either pass."""
+
+    @staticmethod
+    def forward(ctx, logits, tokens, temperature: float, with_entropy: bool):
+        n = logits.shape[0]
+        logp, entropy, vocab_mean = (logits.new_zeros(n, dtype=torch.float32) for _ in range(3))
+        chunk = _logit_chunk(logits)
+        for s in range(0, n, chunk):
+            z = logits[s:s + chunk].float() / temperature
+            lse = z.logsumexp(-1)
+            logp[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None]).squeeze(-1) - lse
+            vocab_mean[s:s + chunk] = z.mean(-1) - lse
+            if with_entropy:
+                entropy[s:s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
+        ctx.save_for_backward(logits, tokens, entropy)
+        ctx.temperature = temperature
+        ctx.set_materialize_grads(False)  # an output nothing depends on gets None, and its term is skipped
+        ctx.mark_non_differentiable(vocab_mean)
+        return logp, entropy, vocab_mean
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy, _):
+        logits, tokens, entropy = ctx.saved_tensors
+        chunk = _logit_chunk(logits)
+        for s in range(0, logits.shape[0], chunk):
+            log_p = torch.log_softmax(logits[s:s + chunk].float() / ctx.temperature, -1)
+            p = log_p.exp()
+            grad = torch.zeros_like(p)
+            if grad_logp is not None:
+                g = grad_logp[s:s + chunk, None]
+                grad.scatter_(-1, tokens[s:s + chunk, None], g).sub_(p * g)
+            if grad_entropy is not None:
+                grad.sub_(log_p.add_(entropy[s:s + chunk, None]).mul_(p).mul_(grad_entropy[s:s + chunk, None]))
+            logits[s:s + chunk] = grad.div_(ctx.temperature)
+        return logits, None, None, None
+
+
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
+                      with_vocab_mean: bool = False, micro_batch_size: int | None = None,
+                      micro_batch_tokens: int = 0) -> TokenStats:
+    """Statistics of every response token from temperature-scaled fp32 logits (`_LogitStats`: the model's logits
+    are the only (rows, T, V) tensor alive, in the forward and in the backward pass).
+
+    `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response; the logits that predict
+    response token t sit at position P - 1 + t. The rows go through the model in `micro_batches` of at most
+    `micro_batch_size` rows and, with `micro_batch_tokens`, of at most that many tokens (the no-grad passes of a
+    step; a gradient pass calls this once per micro-batch). Columns that are padding in every row of a micro-batch
+    (prompt padding on the left, positions after every row's first EOS on the right) are cut before the forward pass:
+    the valid positions get the same values up to float rounding, since a causal model never looks right. Gradients
+    flow to `logp` when grad is enabled; to the entropy only with `entropy_grad` (entropy minimisation); never to
+    `vocab_mean` (ROVER's uniform-policy value, used only inside stop-gradient targets).
+
+    Positions after a row's first EOS (outside every response mask) come back as 0 in every statistic, whatever the
+    micro-batches, so ratios like exp(logp - old_logp) there are exp(0) = 1 and never overflow."""
+    config = getattr(unwrap(model), "generation_config", None)
+    eos = eos_ids(unwrap(model)) if getattr(config, "eos_token_id", None) is not None else []  # [] : no EOS known
+    valid = response_mask_from_ids(input_ids[:, -response_len:], eos).bool()  # (B, T)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    widths = torch.stack([attention_mask[:, :-response_len].sum(-1), valid.sum(-1)], -1)  # (B, 2)
+    B, width = input_ids.shape
+    stats = [input_ids.new_zeros(B, response_len, dtype=torch.float32) for _ in range(3)]  # logp, entropy, vocab mean
+    collective = model is not unwrap(model) or is_fsdp(model)  # DDP or FSDP: every process runs as many forwards
+    for rows in micro_batches(torch.arange(B, device=input_ids.device), widths, micro_batch_size or B,
+                              micro_batch_tokens, even=collective):
+        first = width - response_len - int(widths[rows, 0].max())  # columns first .. P + T of these rows go through
+        T = max(1, int(widths[rows, 1].max()))
+        end = width - response_len + T
+        with autocast(model):
+            logits = model(input_ids=input_ids[rows, first:end], attention_mask=attention_mask[rows, first:end],
+                           position_ids=position_ids[rows, first:end], logits_to_keep=T + 1,
+                           use_cache=False).logits  # (b, T + 1, V); the last position predicts past the window
+        tokens = torch.nn.functional.pad(input_ids[rows, end - T:end], (0, 1))  # (b, T + 1)
+        logp, entropy, vocab_mean = _LogitStats.apply(logits.flatten(0, 1), tokens.flatten(), temperature, with_entropy)
+        if not entropy_grad:
+            entropy = entropy.detach()
+        for stat, values in zip(stats, (logp, entropy, vocab_mean)):
+            values = values.view(len(rows), T + 1)[:, :-1]
+            stat[rows] = torch.where(valid[rows], torch.nn.functional.pad(values, (0, response_len - T)), 0.0)
+        del logits
+    logp, entropy, vocab_mean = stats
+    return TokenStats(logp, entropy if with_entropy else None, vocab_mean if with_vocab_mean else None)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_processes: bool = False) -> torch.Tensor:
+    """Mean of x over the positions where mask is 1; with `all_processes`, over every process's positions together."""
+    total, count = (x * mask).sum(), mask.sum()
+    if all_processes:
+        total, count = all_sum(total), all_sum(count)
+    return total / count.clamp(min=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+PROGRESS_SECONDS = 10.0
+"""Evaluations print a progress line (rank 0) at most this often: a long evaluation is not silence."""
+
+_LAST_PROGRESS = [0.0]
+
+
+def _progress(what: str, done: int, total: int, began: float) -> None:
+    now = time.time()
+    if is_main() and now - _LAST_PROGRESS[0] >= PROGRESS_SECONDS:
+        _LAST_PROGRESS[0] = now
+        print(f"{what}: {done}/{total} prompts ({now - began:.0f} s)", flush=True)
+
+
+def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, sampling: Sampling,
+             batch_size: int = 1024) -> dict:
+    """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt drawn with `sampling` (mean@n),
+    unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt.
+
+    An item may name its `subset` (countdown: one_solution or several_solutions, and second_skill for the prompts of a
+    skill the run does not train): each subset gets the same metrics under `eval/<subset>/`, and second_skill items
+    count only there, so `eval/*` is the trained task's. Under torchrun every process evaluates its share of the
+    prompts and all return the same metrics."""
+    mine, n_mine, _ = padded_share(items)
+    prompts = [task.prompt(item) for item in mine]
+    greedy_correct, began = [], time.time()
+    for start in range(0, len(mine), batch_size):
+        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, sampling, greedy=True)
+        greedy_correct += [task.verify(item, text)[0] for item, text in zip(mine[start:start + batch_size], ro.texts)]
+        _progress("evaluating, greedy", len(greedy_correct), len(mine), began)
+    greedy_correct = gather_lists(greedy_correct[:n_mine])
+    correct_counts, distinct = [], []
+    per_prompt = max(1, batch_size // max(1, n_samples))
+    for start in range(0, len(mine) if n_samples else 0, per_prompt):
+        chunk = mine[start:start + per_prompt]
+        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, sampling)
+        for i, item in enumerate(chunk):
+            texts = ro.texts[i * n_samples:(i + 1) * n_samples]
+            correct = [text for text in texts if task.verify(item, text)[0]]
+            correct_counts.append(len(correct))
+            distinct.append(len({task.answer_key(text) for text in correct}))
+        _progress(f"evaluating, {n_samples} samples each", len(correct_counts), len(mine), began)
+    correct_counts, distinct = gather_lists(correct_counts[:n_mine]), gather_lists(distinct[:n_mine])
+
+    subsets = {"": [i for i, item in enumerate(items) if item.get("subset") != "second_skill"]}
+    for name in dict.fromkeys(item["subset"] for item in items if item.get("subset")):
+        subsets[name] = [i for i, item in enumerate(items) if item.get("subset") == name]
+    metrics = {}
+    for name, rows in subsets.items():
+        prefix = f"eval/{name}/" if name else "eval/"
+        metrics[f"{prefix}greedy_acc"] = float(np.mean([greedy_correct[i] for i in rows]))
+        if n_samples == 0:
+            continue
+        counts = [correct_counts[i] for i in rows]
+        metrics[f"{prefix}mean@{n_samples}"] = sum(counts) / (len(rows) * n_samples)
+        k = 1
+        while k <= n_samples:
+            metrics[f"{prefix}pass@{k}"] = float(np.mean([pass_at_k(n_samples, c, k) for c in counts]))
+            k *= 2
+        metrics[f"{prefix}distinct_correct"] = float(np.mean([distinct[i] for i in rows]))
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------------
+# Tasks and verifiers: countdown (generated, shipped in benchmarks/data/)
+# --------------------------------------------------------------------------------------------------
+
 
 MAX_ANSWER_CHARS = 200
 """Longer answers get reward 0 without being parsed, which bounds the verifier's time and recursion depth."""
@@ -396,11 +820,13 @@ def _fitting(task, items: list[dict], split: str) -> list[dict]:
     return kept
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Math word problems: GSM8K and MATH, loaded with `datasets`, checked with math-verify
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Tasks and verifiers: GSM8K and MATH, loaded with `datasets`, checked with math-verify
+# --------------------------------------------------------------------------------------------------
+
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
 MAX_MATH_ANSWER_CHARS = 1000
 """Longer extracted answers get reward 0 without being parsed (bounds sympy's work off the main thread too); a gold
 answer this long makes its dataset row malformed."""
@@ -410,7 +836,9 @@ MAX_RESPONSE_CHARS = 100_000
 length used here); a box opened before them is not seen."""
 
 _BOX_TOKENS = re.compile(r"\\boxed\s*(\{)|\\boxed\s+([^\s{}$]+)|\{|\}")
+
 _FINAL_PHRASE = re.compile(r"####|\banswer(?:\s+is\b|\s*:)(?![\s*:]*[A-Za-z]{2})", re.IGNORECASE)
+
 _INLINE_MATH = re.compile(r"\$+([^$]+)\$|\\[(\[](.+?)\\[)\]]")
 
 
@@ -511,6 +939,7 @@ def _math_verify(gold: str, answer: str) -> tuple[bool, bool]:
 
 
 _HELPER: dict = {}
+
 _HELPER_LOCK = threading.Lock()
 
 
@@ -754,519 +1183,69 @@ class PromptSampler:
         return batch
 
 
-# ---------------------------------------------------------------------------------------------------------------------
-# Models
-# ---------------------------------------------------------------------------------------------------------------------
+# ==================================================================================================
+# Run infrastructure: errors, flags, processes (torchrun), checkpoints, logging. Nothing below is an
+# algorithm's business: a trainer of your own brings its own.
+# ==================================================================================================
 
 
-def resolve_model_path(name: str) -> str:
-    """A local folder (relative to the working directory, then to the repository root), else a hub id `org/name`."""
-    for candidate in (Path(name).expanduser(), REPO_ROOT / name):
-        if candidate.is_dir():
-            return str(candidate)
-    if not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", name):
-        raise UserInputError(f"model folder not found: {name}")
-    return name
+def _excepthook(exc_type, exc, tb):
+    if issubclass(exc_type, (UserInputError, TrainingStopped)):
+        print(f"error: {exc}", file=sys.stderr)
+        if issubclass(exc_type, FlagError):  # a usage error: exit code 2, as argparse's (nothing is open yet)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(2)
+    elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: one line (rank 0's), not a traceback
+        if os.environ.get("RANK", "0") == "0":
+            print(f"interrupted: {where_to_resume()}", file=sys.stderr)
+    else:
+        sys.__excepthook__(exc_type, exc, tb)
 
 
-def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16: bool = False,
-                             gradient_checkpointing: bool = False, frozen: bool = False):
-    """Load a causal LM and its tokenizer with `from_pretrained`, from a local folder or the hub.
+sys.excepthook = _excepthook
 
-    The tokenizer pads on the left (for batched generation) and falls back to EOS as pad. The model's own
-    generation_config is replaced by one that keeps only its special-token ids, so sampling is set by our flags
-    alone (hub configs often carry top_k / top_p / repetition_penalty defaults that would silently change the policy);
-    the original stays in `model.base_generation_config` for `save_pretrained`. Dropout is switched off
-    (`disable_dropout`).
+sys.stdout.reconfigure(line_buffering=True)  # every printed line reaches a pipe (a log file, `tee`) at once
 
-    Precision: with `bf16` on a GPU, a model to train keeps fp32 weights (AdamW updates of ~1e-6 vanish in bf16) and
-    computes in bf16 under autocast in `rollout` and `response_logprobs`; a `frozen` model (reference, never trained)
-    is stored in bf16. On the CPU everything stays fp32. `gradient_checkpointing` recomputes each layer's activations
-    in the backward pass (less memory, about a third more compute)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.utils import logging as transformers_logging
+RUN_STATE: dict = {"run_dir": None, "checkpoint_step": None}
+"""The run folder and the step of its last checkpoint on disk, kept by RunLogger and save_checkpoint, for the
+one-line messages that end a run early (Ctrl-C, a full disk, non-finite weights)."""
 
-    transformers_logging.disable_progress_bar()  # no "Loading weights" / "Writing model shards" bars in run logs
-    path = resolve_model_path(name)
-    low_precision = bf16 and torch.device(device).type == "cuda"
-    local = Path(path).is_dir()
-    if local and not (Path(path) / "config.json").is_file():
-        raise UserInputError(f"model folder {name!r} has no config.json: not a saved model")
+
+def where_to_resume() -> str:
+    """Where the last checkpoint of this run is and the command that continues from it (or that there is none)."""
+    run_dir, step = RUN_STATE["run_dir"], RUN_STATE["checkpoint_step"]
+    if run_dir is None:
+        return "the run had not started; nothing was written"
+    if step is None:
+        return f"no checkpoint was saved yet in {run_dir} (see --checkpoint-every); nothing to resume"
+    world = os.environ.get("WORLD_SIZE", "1")
+    launcher = f"torchrun --nproc-per-node {world}" if world != "1" else "python"
+    return f"the last checkpoint is step {step} in {run_dir}; continue with: {launcher} {sys.argv[0]} --resume {run_dir}"
+
+
+@contextlib.contextmanager
+def disk_errors(folder, *partial: Path):
+    """A failed write inside (a full disk, a folder gone read-only) becomes one line naming `folder` and the last
+    checkpoint (TrainingStopped); the `partial` files or folders it may have left are removed first."""
     try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as exc:  # OSError (missing files, offline hub), ValueError (unknown model type), ...
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "connect" in str(exc)
-        hint = " (offline: pass a local path)" if offline and not local else ""
-        raise UserInputError(f"could not load model {name!r}{hint}: {_first_line(exc)}") from None
-    architectures = config.architectures or []
-    if config.is_encoder_decoder or not all(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        raise UserInputError(f"model {name!r} is not a causal (decoder-only) language model: "
-                             f"{', '.join(architectures) or config.model_type}")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        usable = len(tokenizer("1 + 2 = 3", add_special_tokens=False).input_ids) > 0
-    except Exception as exc:  # no tokenizer files: transformers tries to convert a slow tokenizer and fails
-        files = local and not any(Path(path).glob("tokenizer*")) and not any(Path(path).glob("*.model"))
-        why = "the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)" if files else _first_line(exc)
-        raise UserInputError(f"model {name!r} has no usable tokenizer: {why}") from None
-    if not usable:
-        raise UserInputError(f"model {name!r} has no usable tokenizer: it encodes text to no tokens")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if low_precision and frozen else torch.float32)
-    except Exception as exc:  # a truncated or corrupt weights file, missing weights, a config the class rejects
-        raise UserInputError(f"could not read the weights of model {name!r}: {_first_line(exc)}") from None
-    rows = model.get_input_embeddings().num_embeddings
-    if len(tokenizer) > rows:
-        raise UserInputError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's embedding only "
-                             f"{rows} rows (vocab_size); the tokenizer does not belong to these weights")
-    disable_dropout(model)
-    tokenizer.padding_side = "left"
-    eos = model.generation_config.eos_token_id
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        raise UserInputError(f"model {name!r} has no end-of-sequence token (eos_token_id in its generation_config.json, "
-                             "config.json or tokenizer): responses could never end")
-    if tokenizer.pad_token_id is None:  # pad with EOS: the response mask ends at the first EOS anyway
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos[0] if isinstance(eos, list) else eos)
-    model.base_generation_config = model.generation_config
-    model.generation_config = GenerationConfig(
-        eos_token_id=eos, pad_token_id=tokenizer.pad_token_id, bos_token_id=model.generation_config.bos_token_id
-    )
-    model.autocast_dtype = torch.bfloat16 if low_precision and not frozen else None  # read by autocast()
-    if gradient_checkpointing and not frozen:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    return model.to(device), tokenizer
-
-
-def position_limit(model) -> int | None:
-    """The longest sequence (prompt + response) the model's config allows, or None when it states no limit."""
-    config = unwrap(model).config
-    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        if isinstance(getattr(config, key, None), int):
-            return getattr(config, key)
-    return None
-
-
-def check_position_limit(model, args) -> int | None:
-    """`args.max_prompt_length`, or by default the model's position limit minus `args.max_new_tokens` (None: no
-    limit); a prompt + response budget over the model's limit is one line (FlagError, exit 2) before training."""
-    limit = position_limit(model)
-    if limit is not None and args.max_new_tokens >= limit:
-        raise FlagError("max_new_tokens", args.max_new_tokens, f"leaves no room for a prompt: the model's position "
-                        f"limit is {limit} tokens")
-    if limit is not None and args.max_prompt_length and args.max_prompt_length + args.max_new_tokens > limit:
-        raise FlagError("max_prompt_length", args.max_prompt_length, f"+ --max-new-tokens {args.max_new_tokens} "
-                        f"exceeds the model's position limit of {limit} tokens")
-    return args.max_prompt_length or (limit - args.max_new_tokens if limit is not None else None)
-
-
-def disable_dropout(model) -> None:
-    """Dropout off in every model we load (as TRL does): with it on, two passes over the same tokens give different
-    log-probs, so the first, on-policy mini-batch would not have ratio 1 and approx_kl 0. Covers `nn.Dropout` modules
-    and the float rates that attention implementations read at forward time (module attributes and the config)."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        for name in ("attention_dropout", "dropout"):
-            if isinstance(getattr(module, name, None), float):
-                setattr(module, name, 0.0)
-    for key, value in model.config.to_dict().items():
-        if ("dropout" in key or key.endswith("pdrop")) and isinstance(value, float):
-            setattr(model.config, key, 0.0)
-
-
-def autocast(model):
-    """The autocast context for a forward pass of `model` (a no-op unless it was loaded with bf16 on a GPU)."""
-    dtype = getattr(unwrap(model), "autocast_dtype", None)
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(next(model.parameters()).device.type, dtype=dtype)
-
-
-def eos_ids(model) -> list[int]:
-    eos = model.generation_config.eos_token_id
-    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Rollout
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Rollout:
-    """B = n_prompts * G responses. Response token t of row b sits at `input_ids[b, prompt_len + t]`."""
-
-    input_ids: torch.Tensor  # (B, P + T) left-padded prompt ⊕ response
-    attention_mask: torch.Tensor  # (B, P + T)
-    response_ids: torch.Tensor  # (B, T)
-    response_mask: torch.Tensor  # (B, T) 1 up to and including the first EOS
-    prompt_index: torch.Tensor  # (B,) index into the list of prompts this response answers
-    truncated: torch.Tensor  # (B,) bool, no EOS within max_new_tokens
-    texts: list[str]  # decoded responses (special tokens removed)
-    prompt_len: int
-
-    @property
-    def widths(self) -> torch.Tensor:
-        """(B, 2) real tokens per row: the prompt without its padding, and the response up to its first EOS."""
-        return torch.stack([self.attention_mask[:, : self.prompt_len].sum(-1), self.response_mask.sum(-1)], -1)
-
-
-def response_mask_from_ids(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
-    """1 for tokens up to and including the first EOS, 0 after; correct when pad == eos."""
-    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device, dtype=torch.long)).long()
-    return ((torch.cumsum(is_eos, dim=-1) - is_eos) == 0).long()
-
-
-ROLLOUT_BACKENDS = ("generate", "static", "continuous")
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How responses are sampled, built once from the flags and passed to `rollout`, `evaluate` and any pre-pass.
-    `backend` is the generation backend (ROLLOUT_BACKENDS); top_p 1 and top_k 0 are off."""
-
-    max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    backend: str = "generate"
-
-    @classmethod
-    def from_args(cls, args) -> "Sampling":
-        return cls(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.rollout)
-
-
-@torch.no_grad()
-def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sampling, greedy: bool = False) -> Rollout:
-    """Sample `group_size` responses per prompt, in one batch. Backends (the same outputs, the same sampling):
-    - `generate`: HF `generate` with its dynamic KV cache;
-    - `static`: `generate` with a preallocated static KV cache (`cache_implementation="static"`), with which
-      transformers compiles the decoding step on a GPU (prompts are padded to a multiple of 64 tokens, so that few
-      shapes are compiled);
-    - `continuous`: continuous batching (`generate_batch`, paged attention): finished sequences leave the batch and
-      the G responses to a prompt share its prefix's cache blocks.
-    With bf16 on a GPU, `static` and `continuous` decode in a bf16 copy of the fp32 policy (refreshed at each call:
-    2 bytes a parameter more), since their caches hold one dtype; `generate` runs the policy under autocast.
-    Under FSDP every process keeps stepping until all are done (`synced_gpus`), since each forward is collective."""
-    max_new_tokens, temperature, backend = sampling.max_new_tokens, sampling.temperature, sampling.backend
-    if not greedy and not temperature > 0:
-        raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
-    if backend not in ROLLOUT_BACKENDS:
-        raise UserInputError(f"unknown rollout backend {backend!r}; choose one of: {', '.join(ROLLOUT_BACKENDS)}")
-    if backend == "continuous" and is_fsdp(model):
-        raise UserInputError("--rollout continuous does not run on FSDP-sharded weights; use generate or static")
-    policy = unwrap(model)
-    device = next(policy.parameters()).device
-    pad_to = 64 if backend == "static" else None  # a compiled static-cache step recompiles for every new length
-    enc = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to,
-                    add_special_tokens=False).to(device)
-    prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)
-    prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
-    knobs = {} if greedy else dict(temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    eos = eos_ids(policy)
-    # a static or paged cache wants one dtype for keys and values: those backends decode in a bf16 copy
-    generator = _low_precision_copy(policy) if backend != "generate" and not is_fsdp(model) else policy
-    was_training = policy.training
-    policy.eval()
-    with autocast(generator):
-        if backend == "continuous":
-            response_ids = _continuous_batching(generator, enc, group_size, max_new_tokens, greedy, knobs,
-                                                tokenizer.pad_token_id)
-        else:
-            extra = {"cache_implementation": "static"} if backend == "static" else {}
-            out = generator.generate(input_ids=prompt_ids, attention_mask=prompt_attn, max_new_tokens=max_new_tokens,
-                                     do_sample=not greedy, use_cache=True, synced_gpus=is_fsdp(model), **extra, **knobs)
-            response_ids = out[:, prompt_ids.shape[1]:]
-    policy.train(was_training)
-    P = prompt_ids.shape[1]
-    out = torch.cat([prompt_ids, response_ids], dim=1)
-    response_mask = response_mask_from_ids(response_ids, eos)
-    is_eos = torch.isin(response_ids, torch.tensor(eos, device=device))
-    truncated = ~is_eos.any(dim=-1)
-    texts = tokenizer.batch_decode(response_ids * response_mask + (1 - response_mask) * tokenizer.pad_token_id,
-                                   skip_special_tokens=True)
-    attention_mask = torch.cat([prompt_attn, torch.ones_like(response_ids)], dim=1)
-    prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
-    return Rollout(out, attention_mask, response_ids, response_mask, prompt_index, truncated, texts, P)
-
-
-_LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _low_precision_copy(model):
-    """For a model trained in fp32 under bf16 autocast: a bf16 copy holding its current weights. Static and paged KV
-    caches hold one dtype, while autocast gives bf16 values but fp32 keys (rotary embeddings in the weights' dtype);
-    continuous batching also decodes in a worker thread, which the caller's autocast does not reach. Made once,
-    refreshed on every call; the model itself where no autocast is set (the CPU). Only the parameters are cast:
-    buffers keep the model's dtype (RoPE's fp32 `inv_freq` in bf16 would shift the rotary angles by ~0.1 rad at
-    position 500, so sampling would drift off-policy on long responses)."""
-    dtype = getattr(model, "autocast_dtype", None)
-    if dtype is None:
-        return model
-    if model not in _LOW_PRECISION_COPIES:
-        shadow = copy.deepcopy(model).eval().requires_grad_(False)
-        for param in shadow.parameters():
-            param.data = param.data.to(dtype)
-        _LOW_PRECISION_COPIES[model] = shadow
-    shadow = _LOW_PRECISION_COPIES[model]
-    for target, source in zip(shadow.parameters(), model.parameters(), strict=True):
-        target.copy_(source)
-    return shadow
-
-
-# continuous batching logs two lines about psutil (absent: CPU memory accounting only) on every call
-logging.getLogger("ContinuousBatchingLogger").addFilter(lambda record: "psutil" not in record.getMessage())
-
-
-def _continuous_batching(model, enc, group_size: int, max_new_tokens: int, greedy: bool, sampling: dict,
-                         pad_id: int) -> torch.Tensor:
-    """Responses from `generate_batch`, as a (n_prompts * G, T) tensor padded with `pad_id` on the right; row
-    i * G + j is the j-th response to prompt i, as with `generate`."""
-    from transformers import ContinuousBatchingConfig, GenerationConfig
-
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
-    forks = 1 if greedy else group_size  # sampled responses fork from their prompt's request (shared prefix blocks)
-    requests = [p for p in prompts for _ in range(group_size // forks)]
-    config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens, num_return_sequences=forks,
-                              eos_token_id=model.generation_config.eos_token_id, pad_token_id=pad_id, **sampling)
-    page = 256  # tokens per cache block; the cache is sized to this rollout (by default it takes 90% of free memory)
-    blocks = len(prompts) * group_size * math.ceil((enc["input_ids"].shape[1] + max_new_tokens) / page) + 1
-    cb_config = ContinuousBatchingConfig(page_size=page, num_blocks=blocks)
-    results = model.generate_batch(requests, generation_config=config, continuous_batching_config=cb_config)
-    outputs = list(results.values())  # ordered by prompt, the G responses to a prompt next to each other
-    if len(outputs) != len(prompts) * group_size or any(o.error is not None for o in outputs):
-        raise RuntimeError("continuous batching lost or failed requests; rerun with --rollout generate")
-    T = max(1, max(len(o.generated_tokens) for o in outputs))
-    response_ids = torch.full((len(outputs), T), pad_id, dtype=torch.long)
-    for row, output in enumerate(outputs):
-        tokens = output.generated_tokens[:max_new_tokens]
-        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return response_ids.to(enc["input_ids"].device)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Log-probs and entropy
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class TokenStats:
-    """Per-response-token statistics of a policy, each (B, T); the optional ones are None unless requested."""
-
-    logp: torch.Tensor  # log-prob of the sampled token
-    entropy: torch.Tensor | None = None  # full-vocabulary entropy of the next-token distribution
-    vocab_mean: torch.Tensor | None = None  # mean over the vocabulary of the log-probs (ROVER's uniform-policy value)
-
-
-LOGITS_CHUNK = 2**24
-"""At most this many fp32 logits (64 MB: ~110 rows of a 152k vocabulary), and 1/16 of the rows, go through fp32 at once
-in `_LogitStats`: its few temporaries stay small beside the logits themselves."""
-
-
-def _logit_chunk(logits: torch.Tensor) -> int:
-    return max(1, min(LOGITS_CHUNK // logits.shape[1], logits.shape[0] // 16))
-
-
-class _LogitStats(torch.autograd.Function):
-    """From (n, V) logits x and taken tokens y (n,): with z = x / temperature, log p(y) = z_y - logsumexp(z), the entropy
-    H = logsumexp(z) - sum_v p_v z_v and the vocabulary mean of log p. Rows go through fp32 in chunks of
-    LOGITS_CHUNK elements, so no fp32 copy of the logits exists. The backward recomputes softmax chunk by chunk,
-    d log p(y)/dz = onehot(y) - p and dH/dz = -p (log p + H), and writes the logits' gradient over the logits (saved
-    for it and read by nothing else): one (n, V) tensor is alive in either pass."""
-
-    @staticmethod
-    def forward(ctx, logits, tokens, temperature: float, with_entropy: bool):
-        n = logits.shape[0]
-        logp, entropy, vocab_mean = (logits.new_zeros(n, dtype=torch.float32) for _ in range(3))
-        chunk = _logit_chunk(logits)
-        for s in range(0, n, chunk):
-            z = logits[s:s + chunk].float() / temperature
-            lse = z.logsumexp(-1)
-            logp[s:s + chunk] = z.gather(-1, tokens[s:s + chunk, None]).squeeze(-1) - lse
-            vocab_mean[s:s + chunk] = z.mean(-1) - lse
-            if with_entropy:
-                entropy[s:s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
-        ctx.save_for_backward(logits, tokens, entropy)
-        ctx.temperature = temperature
-        ctx.set_materialize_grads(False)  # an output nothing depends on gets None, and its term is skipped
-        ctx.mark_non_differentiable(vocab_mean)
-        return logp, entropy, vocab_mean
-
-    @staticmethod
-    def backward(ctx, grad_logp, grad_entropy, _):
-        logits, tokens, entropy = ctx.saved_tensors
-        chunk = _logit_chunk(logits)
-        for s in range(0, logits.shape[0], chunk):
-            log_p = torch.log_softmax(logits[s:s + chunk].float() / ctx.temperature, -1)
-            p = log_p.exp()
-            grad = torch.zeros_like(p)
-            if grad_logp is not None:
-                g = grad_logp[s:s + chunk, None]
-                grad.scatter_(-1, tokens[s:s + chunk, None], g).sub_(p * g)
-            if grad_entropy is not None:
-                grad.sub_(log_p.add_(entropy[s:s + chunk, None]).mul_(p).mul_(grad_entropy[s:s + chunk, None]))
-            logits[s:s + chunk] = grad.div_(ctx.temperature)
-        return logits, None, None, None
-
-
-def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
-                      with_vocab_mean: bool = False, micro_batch_size: int | None = None,
-                      micro_batch_tokens: int = 0) -> TokenStats:
-    """Statistics of every response token from temperature-scaled fp32 logits (`_LogitStats`: the model's logits
-    are the only (rows, T, V) tensor alive, in the forward and in the backward pass).
-
-    `input_ids` is (B, P + T) with the last T = `response_len` positions holding the response; the logits that predict
-    response token t sit at position P - 1 + t. The rows go through the model in `micro_batches` of at most
-    `micro_batch_size` rows and, with `micro_batch_tokens`, of at most that many tokens (the no-grad passes of a
-    step; a gradient pass calls this once per micro-batch). Columns that are padding in every row of a micro-batch
-    (prompt padding on the left, positions after every row's first EOS on the right) are cut before the forward pass:
-    the valid positions get the same values up to float rounding, since a causal model never looks right. Gradients
-    flow to `logp` when grad is enabled; to the entropy only with `entropy_grad` (entropy minimisation); never to
-    `vocab_mean` (ROVER's uniform-policy value, used only inside stop-gradient targets).
-
-    Positions after a row's first EOS (outside every response mask) come back as 0 in every statistic, whatever the
-    micro-batches, so ratios like exp(logp - old_logp) there are exp(0) = 1 and never overflow."""
-    config = getattr(unwrap(model), "generation_config", None)
-    eos = eos_ids(unwrap(model)) if getattr(config, "eos_token_id", None) is not None else []  # [] : no EOS known
-    valid = response_mask_from_ids(input_ids[:, -response_len:], eos).bool()  # (B, T)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    widths = torch.stack([attention_mask[:, :-response_len].sum(-1), valid.sum(-1)], -1)  # (B, 2)
-    B, width = input_ids.shape
-    stats = [input_ids.new_zeros(B, response_len, dtype=torch.float32) for _ in range(3)]  # logp, entropy, vocab mean
-    collective = model is not unwrap(model) or is_fsdp(model)  # DDP or FSDP: every process runs as many forwards
-    for rows in micro_batches(torch.arange(B, device=input_ids.device), widths, micro_batch_size or B,
-                              micro_batch_tokens, even=collective):
-        first = width - response_len - int(widths[rows, 0].max())  # columns first .. P + T of these rows go through
-        T = max(1, int(widths[rows, 1].max()))
-        end = width - response_len + T
-        with autocast(model):
-            logits = model(input_ids=input_ids[rows, first:end], attention_mask=attention_mask[rows, first:end],
-                           position_ids=position_ids[rows, first:end], logits_to_keep=T + 1,
-                           use_cache=False).logits  # (b, T + 1, V); the last position predicts past the window
-        tokens = torch.nn.functional.pad(input_ids[rows, end - T:end], (0, 1))  # (b, T + 1)
-        logp, entropy, vocab_mean = _LogitStats.apply(logits.flatten(0, 1), tokens.flatten(), temperature, with_entropy)
-        if not entropy_grad:
-            entropy = entropy.detach()
-        for stat, values in zip(stats, (logp, entropy, vocab_mean)):
-            values = values.view(len(rows), T + 1)[:, :-1]
-            stat[rows] = torch.where(valid[rows], torch.nn.functional.pad(values, (0, response_len - T)), 0.0)
-        del logits
-    logp, entropy, vocab_mean = stats
-    return TokenStats(logp, entropy if with_entropy else None, vocab_mean if with_vocab_mean else None)
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_processes: bool = False) -> torch.Tensor:
-    """Mean of x over the positions where mask is 1; with `all_processes`, over every process's positions together."""
-    total, count = (x * mask).sum(), mask.sum()
-    if all_processes:
-        total, count = all_sum(total), all_sum(count)
-    return total / count.clamp(min=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
-PROGRESS_SECONDS = 10.0
-"""Evaluations print a progress line (rank 0) at most this often: a long evaluation is not silence."""
-_LAST_PROGRESS = [0.0]
-
-
-def _progress(what: str, done: int, total: int, began: float) -> None:
-    now = time.time()
-    if is_main() and now - _LAST_PROGRESS[0] >= PROGRESS_SECONDS:
-        _LAST_PROGRESS[0] = now
-        print(f"{what}: {done}/{total} prompts ({now - began:.0f} s)", flush=True)
-
-
-def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, sampling: Sampling,
-             batch_size: int = 1024) -> dict:
-    """Greedy accuracy and, for `n_samples` > 0, the mean accuracy of n samples per prompt drawn with `sampling` (mean@n),
-    unbiased pass@k for powers of two k <= n, and the mean number of distinct correct answers per prompt.
-
-    An item may name its `subset` (countdown: one_solution or several_solutions, and second_skill for the prompts of a
-    skill the run does not train): each subset gets the same metrics under `eval/<subset>/`, and second_skill items
-    count only there, so `eval/*` is the trained task's. Under torchrun every process evaluates its share of the
-    prompts and all return the same metrics."""
-    mine, n_mine, _ = padded_share(items)
-    prompts = [task.prompt(item) for item in mine]
-    greedy_correct, began = [], time.time()
-    for start in range(0, len(mine), batch_size):
-        ro = rollout(model, tokenizer, prompts[start:start + batch_size], 1, sampling, greedy=True)
-        greedy_correct += [task.verify(item, text)[0] for item, text in zip(mine[start:start + batch_size], ro.texts)]
-        _progress("evaluating, greedy", len(greedy_correct), len(mine), began)
-    greedy_correct = gather_lists(greedy_correct[:n_mine])
-    correct_counts, distinct = [], []
-    per_prompt = max(1, batch_size // max(1, n_samples))
-    for start in range(0, len(mine) if n_samples else 0, per_prompt):
-        chunk = mine[start:start + per_prompt]
-        ro = rollout(model, tokenizer, prompts[start:start + per_prompt], n_samples, sampling)
-        for i, item in enumerate(chunk):
-            texts = ro.texts[i * n_samples:(i + 1) * n_samples]
-            correct = [text for text in texts if task.verify(item, text)[0]]
-            correct_counts.append(len(correct))
-            distinct.append(len({task.answer_key(text) for text in correct}))
-        _progress(f"evaluating, {n_samples} samples each", len(correct_counts), len(mine), began)
-    correct_counts, distinct = gather_lists(correct_counts[:n_mine]), gather_lists(distinct[:n_mine])
-
-    subsets = {"": [i for i, item in enumerate(items) if item.get("subset") != "second_skill"]}
-    for name in dict.fromkeys(item["subset"] for item in items if item.get("subset")):
-        subsets[name] = [i for i, item in enumerate(items) if item.get("subset") == name]
-    metrics = {}
-    for name, rows in subsets.items():
-        prefix = f"eval/{name}/" if name else "eval/"
-        metrics[f"{prefix}greedy_acc"] = float(np.mean([greedy_correct[i] for i in rows]))
-        if n_samples == 0:
-            continue
-        counts = [correct_counts[i] for i in rows]
-        metrics[f"{prefix}mean@{n_samples}"] = sum(counts) / (len(rows) * n_samples)
-        k = 1
-        while k <= n_samples:
-            metrics[f"{prefix}pass@{k}"] = float(np.mean([pass_at_k(n_samples, c, k) for c in counts]))
-            k *= 2
-        metrics[f"{prefix}distinct_correct"] = float(np.mean([distinct[i] for i in rows]))
-    return metrics
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Several processes (torchrun): data-parallel rollouts and training with DDP or FSDP2
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def init_distributed(use_cuda: bool = True) -> tuple[int, int, torch.device]:
-    """`(rank, world_size, device)`. A plain `python` run is rank 0 of 1. Under `torchrun --nproc-per-node N`
-    (WORLD_SIZE > 1) this joins the process group (NCCL on GPUs, gloo on CPUs) and takes GPU LOCAL_RANK; processes
-    other than rank 0 print nothing to stdout (errors still reach stderr)."""
-    n = int(os.environ.get("WORLD_SIZE", "1"))
-    cuda = use_cuda and torch.cuda.is_available()
-    if n == 1:
-        return 0, 1, torch.device("cuda" if cuda else "cpu")
-    import atexit
-
-    import torch.distributed as dist
-
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
-        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
-    if dist.get_rank() != 0:
-        sys.stdout = open(os.devnull, "w")
-    return dist.get_rank(), dist.get_world_size(), device
+        yield
+    except OSError as exc:
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        why = "no space left on the device" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else exc.strerror or str(exc)
+        raise TrainingStopped(f"could not write to {folder}: {why}; {where_to_resume()}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for one-line errors."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------------
+# Flags: one range check for every script, before any model loads
+# --------------------------------------------------------------------------------------------------
 
 
 class FlagError(UserInputError):
@@ -1283,10 +1262,15 @@ def _rule(ok, why: str, finite: bool = False):
 
 
 _AT_LEAST_1, _NEVER_0 = _rule(lambda v: v >= 1, "must be >= 1"), _rule(lambda v: v >= 0, "must be >= 0 (0: never)")
+
 _POSITIVE = _rule(lambda v: v > 0, "must be a finite number > 0", finite=True)
+
 _NON_NEGATIVE = _rule(lambda v: v >= 0, "must be a finite number >= 0", finite=True)
+
 _UNIT = _rule(lambda v: 0 <= v <= 1, "must be in [0, 1]", finite=True)
+
 _SHARE = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]", finite=True)
+
 FLAG_RULES = {  # field -> (ok(value), why), for the fields of every script's Args that exist on the given args
     "seed": _rule(lambda v: 0 <= v <= 2**32 - 1, "must be in [0, 2**32 - 1]"),
     "exp_name": _rule(lambda v: v not in ("", ".", "..") and not any(c in v for c in "/\\\0"),
@@ -1316,6 +1300,7 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of every script's Ar
     "clip_cov_ub": _rule(lambda v: True, "must be finite", finite=True),
     "alpha": _rule(lambda v: 0 < v < 1, "must be strictly between 0 and 1", finite=True),
 }
+
 UNCHECKED_FLAGS = {  # checked elsewhere (tyro's choices, resume_config, model and data loading) or free-form
     "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "save_dtype", "resume",
     "model_name", "task", "dataset", "eval_split", "bf16", "gradient_checkpointing", "rollout", "fsdp", "scale_rewards",
@@ -1353,6 +1338,19 @@ def check_shared_args(args) -> None:
     if args.fsdp and args.rollout == "continuous":
         raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); use generate or static")
     check_memory(args)  # a one-line warning on a GPU the run will not fit
+
+
+def check_position_limit(model, args) -> int | None:
+    """`args.max_prompt_length`, or by default the model's position limit minus `args.max_new_tokens` (None: no
+    limit); a prompt + response budget over the model's limit is one line (FlagError, exit 2) before training."""
+    limit = position_limit(model)
+    if limit is not None and args.max_new_tokens >= limit:
+        raise FlagError("max_new_tokens", args.max_new_tokens, f"leaves no room for a prompt: the model's position "
+                        f"limit is {limit} tokens")
+    if limit is not None and args.max_prompt_length and args.max_prompt_length + args.max_new_tokens > limit:
+        raise FlagError("max_prompt_length", args.max_prompt_length, f"+ --max-new-tokens {args.max_new_tokens} "
+                        f"exceeds the model's position limit of {limit} tokens")
+    return args.max_prompt_length or (limit - args.max_new_tokens if limit is not None else None)
 
 
 def memory_coefficients(c: dict) -> dict[str, int]:
@@ -1416,6 +1414,34 @@ def check_memory(args, device_bytes: int | None = None) -> None:
         print(f"warning: estimated peak memory {parts['peak'] / 2**30:.0f} GiB exceeds this GPU's "
               f"{device_bytes / 2**30:.0f} GiB (static {parts['static'] / 2**30:.0f} GiB, {phase} "
               f"{parts[phase] / 2**30:.0f} GiB); {hint}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Several processes (torchrun): data-parallel rollouts and training with DDP or FSDP2
+# --------------------------------------------------------------------------------------------------
+
+
+def init_distributed(use_cuda: bool = True) -> tuple[int, int, torch.device]:
+    """`(rank, world_size, device)`. A plain `python` run is rank 0 of 1. Under `torchrun --nproc-per-node N`
+    (WORLD_SIZE > 1) this joins the process group (NCCL on GPUs, gloo on CPUs) and takes GPU LOCAL_RANK; processes
+    other than rank 0 print nothing to stdout (errors still reach stderr)."""
+    n = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = use_cuda and torch.cuda.is_available()
+    if n == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
+    import atexit
+
+    import torch.distributed as dist
+
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+        atexit.register(lambda: dist.destroy_process_group() if dist.is_initialized() else None)
+    if dist.get_rank() != 0:
+        sys.stdout = open(os.devnull, "w")
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 def _distributed() -> bool:
@@ -1612,52 +1638,9 @@ def reduce_metrics(metrics: dict) -> dict:
     return {k: float(maxima[i] if is_time[i] else means[i]) for i, k in enumerate(keys)}
 
 
-def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
-    """Full (unsharded) state dicts of a plain, DDP or FSDP2 model and its optimizer, on the CPU, keyed by parameter
-    name. Every process must call it (FSDP gathers the shards); only rank 0 gets the tensors under FSDP."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer is not None else [], options=options)
-    return model_sd, (optim_sd if optimizer is not None else None)
-
-
-def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
-    """Load what `full_state_dicts` returned (every process reads the same checkpoint file)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    optimizers = [optimizer] if optimizer is not None else []
-    set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd or {},
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def save_pretrained(model, tokenizer, path: Path, dtype: str = "auto") -> None:
-    """A folder that `from_pretrained` loads: the trained weights in `dtype` ("auto": the training's compute dtype,
-    bfloat16 with --bf16 on a GPU, else float32), the base model's own generation_config (not the stripped one that
-    sampling uses) and the tokenizer. Every process calls it; rank 0 writes. Under FSDP the weights are gathered one
-    tensor at a time and cast on rank 0's CPU, so host memory holds the saved model once, on rank 0 only."""
-    hf = unwrap(model)
-    dtype = (getattr(hf, "autocast_dtype", None) or torch.float32) if dtype == "auto" else getattr(torch, dtype)
-    copies, weights = {}, {}  # copies: by source tensor, so tied weights stay one tensor (as save_pretrained expects)
-    for name, tensor in hf.state_dict(keep_vars=True).items():
-        if id(tensor) not in copies:
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP: a collective
-            cast = dtype if full.is_floating_point() else full.dtype
-            copies[id(tensor)] = full.detach().to("cpu", cast) if is_main() else None
-        weights[name] = copies[id(tensor)]
-    if is_main():
-        with disk_errors(path.parent, path):  # a partly written model folder is removed
-            hf.save_pretrained(path, state_dict=weights)
-            hf.config.dtype = dtype  # save_pretrained recorded the training weights' dtype
-            hf.config.save_pretrained(path)
-            getattr(hf, "base_generation_config", hf.generation_config).save_pretrained(path)
-            tokenizer.save_pretrained(path)
-        print(f"model saved to {path}")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Seeding, run folder, logging
-# ---------------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Seeding, checkpoints and resume
+# --------------------------------------------------------------------------------------------------
 
 
 def seed_everything(seed: int, deterministic: bool = True) -> None:
@@ -1684,6 +1667,25 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
+    """Full (unsharded) state dicts of a plain, DDP or FSDP2 model and its optimizer, on the CPU, keyed by parameter
+    name. Every process must call it (FSDP gathers the shards); only rank 0 gets the tensors under FSDP."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer is not None else [], options=options)
+    return model_sd, (optim_sd if optimizer is not None else None)
+
+
+def load_full_state_dicts(model, optimizer, model_sd: dict, optim_sd: dict | None) -> None:
+    """Load what `full_state_dicts` returned (every process reads the same checkpoint file)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    optimizers = [optimizer] if optimizer is not None else []
+    set_state_dict(model, optimizers, model_state_dict=model_sd, optim_state_dict=optim_sd or {},
+                   options=StateDictOptions(full_state_dict=True))
 
 
 def _optimizer_key(name: str) -> str:
@@ -1860,6 +1862,35 @@ def resume_config(args, args_class, argv: list[str] | None = None):
     if "num_steps" in given_flags(args_class, argv):  # the resumed run goes to this step, whatever its value
         restored.num_steps = args.num_steps
     return restored
+
+
+def save_pretrained(model, tokenizer, path: Path, dtype: str = "auto") -> None:
+    """A folder that `from_pretrained` loads: the trained weights in `dtype` ("auto": the training's compute dtype,
+    bfloat16 with --bf16 on a GPU, else float32), the base model's own generation_config (not the stripped one that
+    sampling uses) and the tokenizer. Every process calls it; rank 0 writes. Under FSDP the weights are gathered one
+    tensor at a time and cast on rank 0's CPU, so host memory holds the saved model once, on rank 0 only."""
+    hf = unwrap(model)
+    dtype = (getattr(hf, "autocast_dtype", None) or torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    copies, weights = {}, {}  # copies: by source tensor, so tied weights stay one tensor (as save_pretrained expects)
+    for name, tensor in hf.state_dict(keep_vars=True).items():
+        if id(tensor) not in copies:
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP: a collective
+            cast = dtype if full.is_floating_point() else full.dtype
+            copies[id(tensor)] = full.detach().to("cpu", cast) if is_main() else None
+        weights[name] = copies[id(tensor)]
+    if is_main():
+        with disk_errors(path.parent, path):  # a partly written model folder is removed
+            hf.save_pretrained(path, state_dict=weights)
+            hf.config.dtype = dtype  # save_pretrained recorded the training weights' dtype
+            hf.config.save_pretrained(path)
+            getattr(hf, "base_generation_config", hf.generation_config).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        print(f"model saved to {path}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training guards, run folder and logging
+# --------------------------------------------------------------------------------------------------
 
 
 def clip_grad_norm(model, max_norm: float) -> torch.Tensor:
