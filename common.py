@@ -1301,13 +1301,6 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of every script's Ar
     "alpha": _rule(lambda v: 0 < v < 1, "must be strictly between 0 and 1", finite=True),
 }
 
-UNCHECKED_FLAGS = {  # checked elsewhere (tyro's choices, resume_config, model and data loading) or free-form
-    "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "save_dtype", "resume",
-    "model_name", "task", "dataset", "eval_split", "bf16", "gradient_checkpointing", "rollout", "fsdp", "scale_rewards",
-    "loss_agg", "prm_update", "prm_ref", "filter_truncated", "method", "reward_type", "reward_norm", "divergence",
-    "std_norm",
-}
-
 
 def _writable_folder(path: str) -> bool:
     """`path` is a writable folder, or the nearest existing folder above it is (RunLogger creates the rest)."""
