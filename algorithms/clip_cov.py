@@ -24,7 +24,8 @@ Implementation details:
 4. Selected tokens get zero loss through `torch.where` (exactly zero gradient, as the code's detach)
    and stay in the denominator; k = min(max(int(r N), 1), #candidates), drawn with a generator
    seeded by (seed, step, epoch, mini-batch). Under torchrun the means, N and the candidates are the
-   whole mini-batch's: rank 0 draws from all candidates (in rank order), each process cuts its own.
+   whole mini-batch's: every process makes the same draw from all of them (gathered in rank order)
+   and keeps its own rows.
 5. PPO eps_low = eps_high = 1 (ratio clamp [0, 2]): as in the authors' code the clamp only guards
    against extreme ratios; Clip-Cov does the clipping. losses/clipfrac is the clamp's share,
    losses/clip_cov_selected the tokens selected per optimizer step (averaged over the step's).

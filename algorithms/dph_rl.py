@@ -31,10 +31,8 @@ Implementation details:
    trains on L_exp alone, with a warning. Baseline --divergence reverse-kl: no pre-pass, RL prompts
    from the whole split, eta weighs a k3 KL(pi || pi0) per RL token (online reference, as --beta).
 5. The checkpoint holds D_pef (with logp0), D_exp and the rehearsal order: --resume skips the
-   pre-pass (which needs the initial model) and continues exactly.
-6. Under torchrun the processes split the pre-pass and gather its verdicts (all hold the same D_pef
-   and D_exp), split each step's RL and rehearsal rows, and divide L_exp and L_pef by token counts
-   summed over all processes.
+   pre-pass and continues exactly. Under torchrun the processes split the pre-pass (all hold the
+   same D_pef and D_exp) and each step's RL and rehearsal rows; token counts are global.
 
 Defaults (tuned on the previous embedded task; --eta 0.2 is js's), the paper's settings and the
 alpha generator's limits: benchmarks/results/dph_rl_rover.md.
