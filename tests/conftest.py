@@ -1,5 +1,6 @@
-"""Shared test set-up: offline flags before anything imports transformers/wandb, repository root on sys.path, and
-loaders for the algorithm scripts (they are scripts, not a package)."""
+"""Shared test set-up: offline flags before anything imports transformers/wandb, repository root on sys.path,
+loaders for the algorithm scripts (they are scripts, not a package), and the quick tier's guard: a test not marked
+`slow` may start no process."""
 
 import importlib.util
 import json
@@ -62,9 +63,22 @@ def base_with_sampling_defaults(folder: Path) -> Path:
     return folder
 
 
+QUICK_TEST = {"id": None}  # the running test unless it is marked slow: the quick tier (-m "not slow") starts no process
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures, which may start processes too
+def pytest_runtest_setup(item):
+    QUICK_TEST["id"] = None if item.get_closest_marker("slow") else item.nodeid
+
+
+def refuse_in_the_quick_tier() -> None:
+    assert QUICK_TEST["id"] is None, f"{QUICK_TEST['id']} starts a process: mark it @pytest.mark.slow"
+
+
 def run_python(args: list[str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     """Run `python *args` (a script and its flags) with the offline settings above; the timeout is a hang guard, not a
     speed test (the machine may be shared)."""
+    refuse_in_the_quick_tier()
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
@@ -108,6 +122,7 @@ def run_distributed(fn, *args, world_size: int = 2) -> list:
     """Run `fn(*args)` in `world_size` processes joined in a gloo process group on this machine (what torchrun sets
     up, through `common.init_distributed`); returns each rank's result, in rank order. `fn` must be a module-level
     function of a test file."""
+    refuse_in_the_quick_tier()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

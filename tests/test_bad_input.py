@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import tyro
-from conftest import ALGORITHMS, load_algorithm, run_python
+from conftest import ALGORITHMS, load_algorithm, refuse_in_the_quick_tier, run_python
 
 import common
 
@@ -173,6 +173,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
 def test_bad_command_line_gives_one_clear_line(flags, message, tmp_path):
     replacements = {"RUN_WITHOUT_CONFIG": str(tmp_path / "nowhere"), "CORRUPT_RUN": None}
@@ -290,6 +291,7 @@ CLI_FLAG_CASES = [  # (script, flags): each through a subprocess, before any mod
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,flags", CLI_FLAG_CASES, ids=[f"{s} {' '.join(f)}" for s, f in CLI_FLAG_CASES])
 def test_bad_flag_exits_2_with_one_line_in_seconds(script, flags):
     start = time.perf_counter()
@@ -401,6 +403,7 @@ def test_a_broken_model_is_one_clear_line(name, message, bad_models):
         common.load_model_and_tokenizer(str(bad_models[name]))
 
 
+@pytest.mark.slow
 def test_a_broken_model_stops_a_script_in_one_line(bad_models):
     result = run_python(["algorithms/grpo.py", "--model-name", str(bad_models["bert"])])
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -476,6 +479,7 @@ def test_undecodable_bytes_skip_their_row_with_a_line_naming_file_and_row(tmp_pa
             "UTF-8 (e.g. row 1)") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_golds_are_parsed_once_at_load_in_bounded_time(tmp_path, capsys, monkeypatch):
     """A gold math-verify cannot compare in time is skipped at load (not re-tried for every response); the others are
     parsed once and every response is compared with the cached parse."""
@@ -506,6 +510,7 @@ def test_evaluation_prints_progress_lines(embedded, capsys, monkeypatch):
 
 
 def _start_run(out_dir: Path, *flags: str) -> subprocess.Popen:
+    refuse_in_the_quick_tier()
     return subprocess.Popen([sys.executable, "algorithms/grpo.py", "--output-dir", str(out_dir), "--eval-prompts", "8",
                              "--final-eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4", *flags],
                             cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -520,6 +525,7 @@ def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
     raise AssertionError(f"the run ended before printing {prefix!r}: {proc.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_in_seconds_with_the_resume_command(tmp_path):
     proc = _start_run(tmp_path, "--checkpoint-every", "1")
     first = _lines_until(proc, "run folder: ")
@@ -539,6 +545,7 @@ def test_ctrl_c_exits_in_seconds_with_the_resume_command(tmp_path):
                                             f"with: python algorithms/grpo.py --resume {run_dir}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     proc = _start_run(tmp_path, "--checkpoint-every", "0")
     run_dir = _lines_until(proc, "run folder: ")[-1].removeprefix("run folder: ").strip()
@@ -584,6 +591,7 @@ def test_a_full_disk_while_logging_or_rewriting_a_file_is_one_line(tmp_path, mon
         logger.log(1, {"loss": 0.5})
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_a_script_in_one_line(tmp_path):
     """The whole script, with every write failing as on a full disk once the run folder exists."""
     code = ("import errno, runpy, sys, torch\n"

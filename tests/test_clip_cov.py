@@ -117,6 +117,7 @@ def test_no_grad_selection_pass_equals_gradient_pass(random_model):
         assert torch.equal(part.detach(), whole[rows])
 
 
+@pytest.mark.slow
 def test_bad_bounds_give_one_line_error(tmp_path):
     result = run_python(["algorithms/clip_cov.py", "--clip-cov-lb", "5", "--clip-cov-ub", "1", "--output-dir", str(tmp_path)])
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -153,6 +154,7 @@ def _covariance_and_selection(logp, advantages, mask, ppo_clipped, configs):
     return results
 
 
+@pytest.mark.slow
 def test_two_processes_on_the_halves_select_what_one_process_selects_on_the_whole_batch():
     # global means, N and candidates; rank 0's draw over all candidates in rank order, every process keeps its own
     batch, configs = _dyadic_batch(), [(0.05, 0), (0.1, 1), (0.1, 2), (0.2, 3), (1.0, 4)]

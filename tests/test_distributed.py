@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig
 
 import common
 
+pytestmark = pytest.mark.slow  # every test starts several processes
 
 
 def micro_batch_counts(widths_per_rank):

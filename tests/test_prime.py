@@ -231,6 +231,7 @@ def prime_steps(cases):
     return [prime_step(torch.tensor(rewards), fsdp, micro_batch_tokens) for rewards, fsdp, micro_batch_tokens in cases]
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_step_of_one_on_the_same_global_batch():
     # the process-reward scale, the whitening, the PRM's and the policy's denominators and the mini-batches are global;
     # every process makes the same calls even with no kept response (DDP and FSDP would hang otherwise)
@@ -252,6 +253,7 @@ def _records(tmp_path):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_step_with_no_kept_prompt_is_skipped_and_counted(tmp_path):
     # two-token responses can never end (an answer needs more characters): every prompt is dropped as truncated
     result = run_python(["algorithms/prime.py", *TINY_BUDGET, "--max-new-tokens", "2", "--output-dir", str(tmp_path)])
@@ -261,6 +263,7 @@ def test_step_with_no_kept_prompt_is_skipped_and_counted(tmp_path):
     assert math.isnan(step2["losses/policy_loss"]) and step2["losses/cov"] == 0 and "losses/prm_loss" not in step2
 
 
+@pytest.mark.slow
 def test_prm_update_before_with_policy_reference_and_minibatches(tmp_path):
     result = run_python(["algorithms/prime.py", *TINY_BUDGET, "--prompts-per-step", "12", "--acc-low", "0", "--acc-high", "1",
                   "--prm-update", "before", "--prm-ref", "policy", "--num-mini-batches", "3", "--num-epochs", "2",
@@ -276,6 +279,7 @@ def test_prm_update_before_with_policy_reference_and_minibatches(tmp_path):
     assert step1["losses/approx_kl"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags, message", [
     (["--acc-low", "0.9", "--acc-high", "0.1"], "error: --acc-low 0.9: must be <= --acc-high 0.1"),
     (["--prm-beta", "0"], "error: --prm-beta 0.0: "),

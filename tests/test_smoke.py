@@ -5,6 +5,8 @@ import json
 import pytest
 from conftest import ALGORITHMS, REPO_ROOT, SETUP_FLAGS, run_python
 
+pytestmark = pytest.mark.slow  # every test runs a script in a subprocess
+
 TINY_BUDGET = ["--num-steps", "2", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8",
                "--eval-samples", "2", "--final-eval-samples", "4", "--log-completions-every", "1"]
 
