@@ -185,6 +185,8 @@ def test_bad_command_line_gives_one_clear_line(flags, message, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     if message:
         assert result.stderr.strip().splitlines()[-1].startswith(message)
+    else:  # tyro's own message names the flag
+        assert flags[0] in result.stderr
     if message and message.startswith("error: --"):  # a flag's value: a usage error, as argparse's
         assert result.returncode == 2
 
