@@ -213,8 +213,9 @@ BAD_FLAGS = [  # (script, field, value): checked in-process by common.check_flag
     ("clip_cov", "clip_cov_lb", NAN), ("clip_cov", "clip_eps_low", 1.5),
     ("kl_cov", "kl_cov_ratio", 0.0), ("kl_cov", "kl_cov_coef", -1.0), ("kl_cov", "num_mini_batches", 0),
     ("em_rl", "entropy_coef", -0.001), ("em_rl", "beta", INF), ("em_rl", "group_size", 0),
-    ("dph_rl", "eta", -0.1), ("dph_rl", "alpha", 1.0), ("dph_rl", "alpha", 0.0), ("dph_rl", "presample_k", 0),
-    ("dph_rl", "rehearsal_threshold", 0), ("dph_rl", "pool_prompts", 0), ("dph_rl", "rehearsal_batch_size", 0),
+    ("dph_rl", "eta", -0.1), ("dph_rl", "alpha", 1.0), ("dph_rl", "alpha", 0.0), ("dph_rl", "alpha", -0.5),
+    ("dph_rl", "presample_k", 0), ("dph_rl", "rehearsal_threshold", 0), ("dph_rl", "pool_prompts", 0),
+    ("dph_rl", "rehearsal_batch_size", 0),
     ("rover", "rho", 0.0), ("rover", "rho", NAN), ("rover", "beta", -1.0), ("rover", "temperature", NAN),
 ]
 
@@ -276,31 +277,37 @@ def test_run_time_fields_are_not_flags(args_classes, monkeypatch, capsys):
         assert f"--{field}" in capsys.readouterr().err  # tyro names the unknown flag
 
 
-CLI_FLAG_CASES = [  # (script, flags): each through a subprocess, before any model loads (the model folder is missing)
-    ("grpo", ["--num-mini-batches", "0"]),  # divided by before any check ran: a ZeroDivisionError traceback
-    ("grpo", ["--max-grad-norm", "-1"]),
-    ("prime", ["--prm-beta", "nan"]),
-    ("clip_cov", ["--clip-eps-low", "2"]),
-    ("kl_cov", ["--eval-every", "-1"]),
-    ("em_rl", ["--learning-rate", "inf"]),
-    ("dph_rl", ["--exp-name", "a/b"]),
-    ("rover", ["--output-dir", "README.md"]),
-    ("grpo", ["--num-mini-batches", "3"]),  # cross-flag checks of the scripts: the same line and exit code
-    ("clip_cov", ["--clip-cov-lb", "5", "--clip-cov-ub", "1"]),
-    ("prime", ["--acc-low", "0.9", "--acc-high", "0.1"]),
-    ("em_rl", ["--entropy-coef", "0.01", "--method", "em-ft"]),
-    ("dph_rl", ["--rehearsal-threshold", "99"]),
+CLI_FLAG_CASES = [  # (script, flags, the whole error line or None): each through a subprocess, before any model loads
+    ("grpo", ["--num-mini-batches", "0"], None),  # divided by before any check ran: a ZeroDivisionError traceback
+    ("grpo", ["--max-grad-norm", "-1"], None),
+    ("prime", ["--prm-beta", "nan"], None),
+    ("clip_cov", ["--clip-eps-low", "2"], None),
+    ("kl_cov", ["--eval-every", "-1"], None),
+    ("em_rl", ["--learning-rate", "inf"], None),
+    ("dph_rl", ["--exp-name", "a/b"], None),
+    ("dph_rl", ["--divergence", "alpha", "--alpha", "1.5"], "error: --alpha 1.5: must be strictly between 0 and 1"),
+    ("rover", ["--output-dir", "README.md"], None),
+    # cross-flag checks of the scripts: the same line and exit code
+    ("grpo", ["--num-mini-batches", "3"], None),
+    ("clip_cov", ["--clip-cov-lb", "5", "--clip-cov-ub", "1"], "error: --clip-cov-lb 5.0: must be below --clip-cov-ub 1.0"),
+    ("prime", ["--acc-low", "0.9", "--acc-high", "0.1"], "error: --acc-low 0.9: must be <= --acc-high 0.1"),
+    ("em_rl", ["--entropy-coef", "0.01", "--method", "em-ft"],
+     "error: --entropy-coef 0.01: is an EM-RL term; EM-FT's loss already is the entropy"),
+    ("dph_rl", ["--rehearsal-threshold", "99"], None),
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script,flags", CLI_FLAG_CASES, ids=[f"{s} {' '.join(f)}" for s, f in CLI_FLAG_CASES])
-def test_bad_flag_exits_2_with_one_line_in_seconds(script, flags):
+@pytest.mark.parametrize("script,flags,line", CLI_FLAG_CASES, ids=[f"{s} {' '.join(f)}" for s, f, _ in CLI_FLAG_CASES])
+def test_bad_flag_exits_2_with_one_line_in_seconds(script, flags, line, tmp_path):
     start = time.perf_counter()
-    result = run_python([f"algorithms/{script}.py", *flags, "--model-name", "./no/such/folder"])
+    result = run_python([f"algorithms/{script}.py", "--output-dir", str(tmp_path), *flags,
+                         "--model-name", "./no/such/folder"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {flags[0]} ")  # tyro gives -1 as -1.0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == line if line else last.startswith(f"error: {flags[0]} ")  # tyro gives -1 as -1.0
     assert time.perf_counter() - start < 60  # a hang guard: no model, no data (a few seconds of imports)
+    assert not any(tmp_path.iterdir())  # refused before any run folder was made
 
 
 # ---- non-finite weights after a step -> the run stops in one line ----------------------------------------------------
