@@ -1,5 +1,6 @@
-"""Shared test set-up: offline flags before anything imports transformers/wandb, repository root on sys.path, and
-loaders for the algorithm scripts (they are scripts, not a package)."""
+"""Shared test set-up: offline flags before anything imports transformers/wandb, repository root on sys.path,
+loaders for the algorithm scripts (they are scripts, not a package), and the quick tier's guard: a test not marked
+`slow` may start no process."""
 
 import importlib.util
 import json
@@ -22,6 +23,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import common  # noqa: E402
@@ -62,10 +64,66 @@ def base_with_sampling_defaults(folder: Path) -> Path:
     return folder
 
 
+QUICK_TEST = {"id": None}  # the running test unless it is marked slow: the quick tier (-m "not slow") starts no process
+
+
+@pytest.hookimpl(tryfirst=True)  # before the test's fixtures, which may start processes too
+def pytest_runtest_setup(item):
+    QUICK_TEST["id"] = None if item.get_closest_marker("slow") else item.nodeid
+
+
+def refuse_in_the_quick_tier() -> None:
+    assert QUICK_TEST["id"] is None, f"{QUICK_TEST['id']} starts a process: mark it @pytest.mark.slow"
+
+
 def run_python(args: list[str], cwd: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     """Run `python *args` (a script and its flags) with the offline settings above; the timeout is a hang guard, not a
     speed test (the machine may be shared)."""
+    refuse_in_the_quick_tier()
     return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def torchrun(args: list[str], **kwargs) -> subprocess.Popen:
+    """Start `torchrun --standalone --nproc-per-node 2 *args` (a free port), one thread per process, in its own
+    session (so that a test can kill torchrun and both workers at once)."""
+    refuse_in_the_quick_tier()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+
+
+def run_on_fixed_rollouts(runs: list[list[str]], processes: int, widths: Path) -> str:
+    """Run algorithm scripts (each `[script, *flags]`) one after the other in one process, or in 2 under torchrun, on
+    rollouts that do not depend on the processes (tests/fixed_rollouts.py), which writes {script: widest forward
+    pass} to `widths`; returns the standard output."""
+    args = ["tests/fixed_rollouts.py", str(widths), *runs[0]]
+    for run in runs[1:]:
+        args += ["::", *run]
+    if processes == 2:
+        proc = torchrun(args)
+    else:
+        refuse_in_the_quick_tier()
+        proc = subprocess.Popen([sys.executable, *args], cwd=REPO_ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+    return out
+
+
+def assert_same_run(one: Path, two: Path) -> None:
+    """Two run folders (one process's and two processes') hold the same records, timing aside, and the same saved
+    model: the weights moved, and by the same update up to float rounding."""
+    assert [row["step"] for row in records(two)] == [row["step"] for row in records(one)]
+    for expected, got in zip(records(one), records(two), strict=True):
+        assert expected.keys() == got.keys()
+        for key in expected:
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6, nan_ok=True), (key, got[key], expected[key])
+    initial = load_file(REPO_ROOT / common.EMBEDDED_MODEL / "model.safetensors")
+    one_params, two_params = (load_file(folder / "model" / "model.safetensors") for folder in (one, two))
+    moved = sum(((one_params[k] - initial[k]) ** 2).sum() for k in initial).sqrt()
+    apart = sum(((two_params[k] - one_params[k]) ** 2).sum() for k in initial).sqrt()
+    assert moved > 0.01 and apart < 1e-3 * moved, (float(apart), float(moved))
 
 
 def load_algorithm(name: str):
@@ -108,6 +166,7 @@ def run_distributed(fn, *args, world_size: int = 2) -> list:
     """Run `fn(*args)` in `world_size` processes joined in a gloo process group on this machine (what torchrun sets
     up, through `common.init_distributed`); returns each rank's result, in rank order. `fn` must be a module-level
     function of a test file."""
+    refuse_in_the_quick_tier()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

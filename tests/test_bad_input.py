@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import tyro
-from conftest import ALGORITHMS, load_algorithm, run_python
+from conftest import ALGORITHMS, load_algorithm, refuse_in_the_quick_tier, run_python
 
 import common
 
@@ -173,6 +173,7 @@ CLI_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", CLI_CASES, ids=[" ".join(c[0]) for c in CLI_CASES])
 def test_bad_command_line_gives_one_clear_line(flags, message, tmp_path):
     replacements = {"RUN_WITHOUT_CONFIG": str(tmp_path / "nowhere"), "CORRUPT_RUN": None}
@@ -184,6 +185,8 @@ def test_bad_command_line_gives_one_clear_line(flags, message, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     if message:
         assert result.stderr.strip().splitlines()[-1].startswith(message)
+    else:  # tyro's own message names the flag
+        assert flags[0] in result.stderr
     if message and message.startswith("error: --"):  # a flag's value: a usage error, as argparse's
         assert result.returncode == 2
 
@@ -210,8 +213,9 @@ BAD_FLAGS = [  # (script, field, value): checked in-process by common.check_flag
     ("clip_cov", "clip_cov_lb", NAN), ("clip_cov", "clip_eps_low", 1.5),
     ("kl_cov", "kl_cov_ratio", 0.0), ("kl_cov", "kl_cov_coef", -1.0), ("kl_cov", "num_mini_batches", 0),
     ("em_rl", "entropy_coef", -0.001), ("em_rl", "beta", INF), ("em_rl", "group_size", 0),
-    ("dph_rl", "eta", -0.1), ("dph_rl", "alpha", 1.0), ("dph_rl", "alpha", 0.0), ("dph_rl", "presample_k", 0),
-    ("dph_rl", "rehearsal_threshold", 0), ("dph_rl", "pool_prompts", 0), ("dph_rl", "rehearsal_batch_size", 0),
+    ("dph_rl", "eta", -0.1), ("dph_rl", "alpha", 1.0), ("dph_rl", "alpha", 0.0), ("dph_rl", "alpha", -0.5),
+    ("dph_rl", "presample_k", 0), ("dph_rl", "rehearsal_threshold", 0), ("dph_rl", "pool_prompts", 0),
+    ("dph_rl", "rehearsal_batch_size", 0),
     ("rover", "rho", 0.0), ("rover", "rho", NAN), ("rover", "beta", -1.0), ("rover", "temperature", NAN),
 ]
 
@@ -283,30 +287,37 @@ def test_run_time_fields_are_not_flags(args_classes, monkeypatch, capsys):
         assert f"--{field}" in capsys.readouterr().err  # tyro names the unknown flag
 
 
-CLI_FLAG_CASES = [  # (script, flags): each through a subprocess, before any model loads (the model folder is missing)
-    ("grpo", ["--num-mini-batches", "0"]),  # divided by before any check ran: a ZeroDivisionError traceback
-    ("grpo", ["--max-grad-norm", "-1"]),
-    ("prime", ["--prm-beta", "nan"]),
-    ("clip_cov", ["--clip-eps-low", "2"]),
-    ("kl_cov", ["--eval-every", "-1"]),
-    ("em_rl", ["--learning-rate", "inf"]),
-    ("dph_rl", ["--exp-name", "a/b"]),
-    ("rover", ["--output-dir", "README.md"]),
-    ("grpo", ["--num-mini-batches", "3"]),  # cross-flag checks of the scripts: the same line and exit code
-    ("clip_cov", ["--clip-cov-lb", "5", "--clip-cov-ub", "1"]),
-    ("prime", ["--acc-low", "0.9", "--acc-high", "0.1"]),
-    ("em_rl", ["--entropy-coef", "0.01", "--method", "em-ft"]),
-    ("dph_rl", ["--rehearsal-threshold", "99"]),
+CLI_FLAG_CASES = [  # (script, flags, the whole error line or None): each through a subprocess, before any model loads
+    ("grpo", ["--num-mini-batches", "0"], None),  # divided by before any check ran: a ZeroDivisionError traceback
+    ("grpo", ["--max-grad-norm", "-1"], None),
+    ("prime", ["--prm-beta", "nan"], None),
+    ("clip_cov", ["--clip-eps-low", "2"], None),
+    ("kl_cov", ["--eval-every", "-1"], None),
+    ("em_rl", ["--learning-rate", "inf"], None),
+    ("dph_rl", ["--exp-name", "a/b"], None),
+    ("dph_rl", ["--divergence", "alpha", "--alpha", "1.5"], "error: --alpha 1.5: must be strictly between 0 and 1"),
+    ("rover", ["--output-dir", "README.md"], None),
+    # cross-flag checks of the scripts: the same line and exit code
+    ("grpo", ["--num-mini-batches", "3"], None),
+    ("clip_cov", ["--clip-cov-lb", "5", "--clip-cov-ub", "1"], "error: --clip-cov-lb 5.0: must be below --clip-cov-ub 1.0"),
+    ("prime", ["--acc-low", "0.9", "--acc-high", "0.1"], "error: --acc-low 0.9: must be <= --acc-high 0.1"),
+    ("em_rl", ["--entropy-coef", "0.01", "--method", "em-ft"],
+     "error: --entropy-coef 0.01: is an EM-RL term; EM-FT's loss already is the entropy"),
+    ("dph_rl", ["--rehearsal-threshold", "99"], None),
 ]
 
 
-@pytest.mark.parametrize("script,flags", CLI_FLAG_CASES, ids=[f"{s} {' '.join(f)}" for s, f in CLI_FLAG_CASES])
-def test_bad_flag_exits_2_with_one_line_in_seconds(script, flags):
+@pytest.mark.slow
+@pytest.mark.parametrize("script,flags,line", CLI_FLAG_CASES, ids=[f"{s} {' '.join(f)}" for s, f, _ in CLI_FLAG_CASES])
+def test_bad_flag_exits_2_with_one_line_in_seconds(script, flags, line, tmp_path):
     start = time.perf_counter()
-    result = run_python([f"algorithms/{script}.py", *flags, "--model-name", "./no/such/folder"])
+    result = run_python([f"algorithms/{script}.py", "--output-dir", str(tmp_path), *flags,
+                         "--model-name", "./no/such/folder"])
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {flags[0]} ")  # tyro gives -1 as -1.0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == line if line else last.startswith(f"error: {flags[0]} ")  # tyro gives -1 as -1.0
     assert time.perf_counter() - start < 60  # a hang guard: no model, no data (a few seconds of imports)
+    assert not any(tmp_path.iterdir())  # refused before any run folder was made
 
 
 # ---- non-finite weights after a step -> the run stops in one line ----------------------------------------------------
@@ -411,6 +422,7 @@ def test_a_broken_model_is_one_clear_line(name, message, bad_models):
         common.load_model_and_tokenizer(str(bad_models[name]))
 
 
+@pytest.mark.slow
 def test_a_broken_model_stops_a_script_in_one_line(bad_models):
     result = run_python(["algorithms/grpo.py", "--model-name", str(bad_models["bert"])])
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -486,6 +498,7 @@ def test_undecodable_bytes_skip_their_row_with_a_line_naming_file_and_row(tmp_pa
             "UTF-8 (e.g. row 1)") in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_golds_are_parsed_once_at_load_in_bounded_time(tmp_path, capsys, monkeypatch):
     """A gold math-verify cannot compare in time is skipped at load (not re-tried for every response); the others are
     parsed once and every response is compared with the cached parse."""
@@ -516,6 +529,7 @@ def test_evaluation_prints_progress_lines(embedded, capsys, monkeypatch):
 
 
 def _start_run(out_dir: Path, *flags: str) -> subprocess.Popen:
+    refuse_in_the_quick_tier()
     return subprocess.Popen([sys.executable, "algorithms/grpo.py", "--output-dir", str(out_dir), "--eval-prompts", "8",
                              "--final-eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4", *flags],
                             cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -530,6 +544,7 @@ def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
     raise AssertionError(f"the run ended before printing {prefix!r}: {proc.stderr.read()[-2000:]}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_exits_in_seconds_with_the_resume_command(tmp_path):
     proc = _start_run(tmp_path, "--checkpoint-every", "1")
     first = _lines_until(proc, "run folder: ")
@@ -549,6 +564,7 @@ def test_ctrl_c_exits_in_seconds_with_the_resume_command(tmp_path):
                                             f"with: python algorithms/grpo.py --resume {run_dir}")
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path):
     proc = _start_run(tmp_path, "--checkpoint-every", "0")
     run_dir = _lines_until(proc, "run folder: ")[-1].removeprefix("run folder: ").strip()
@@ -594,6 +610,7 @@ def test_a_full_disk_while_logging_or_rewriting_a_file_is_one_line(tmp_path, mon
         logger.log(1, {"loss": 0.5})
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_a_script_in_one_line(tmp_path):
     """The whole script, with every write failing as on a full disk once the run folder exists."""
     code = ("import errno, runpy, sys, torch\n"

@@ -53,6 +53,7 @@ def test_embedded_suite_gives_every_algorithm_the_same_sample_budget():
         assert int(value["--prompts-per-step"]) * int(value["--group-size"]) == 128, algo
 
 
+@pytest.mark.slow
 def test_quick_dry_run_prints_every_command():
     result = run_python(["benchmarks/run.py", "--quick", "--dry-run"])
     assert result.returncode == 0, result.stderr
@@ -110,6 +111,7 @@ def test_report_writes_tables_plots_and_keeps_the_discussion(tmp_path):
         assert (dest / png).stat().st_size > 1000 and f"({png})" in readme
 
 
+@pytest.mark.slow
 def test_gpu_speed_script_runs_every_path_on_the_cpu(tmp_path):
     out = tmp_path / "gpu.json"
     result = run_python(["benchmarks/gpu_speed.py", "--size", "tiny", "--batch-size", "4", "--group-size", "2",

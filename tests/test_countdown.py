@@ -125,6 +125,7 @@ def test_counts_of_distinct_solutions_match_hand_counts():
         assert len({key(text) for text in renderings}) == hand_count  # what eval/distinct_correct counts
 
 
+@pytest.mark.slow
 def test_committed_splits_are_regenerated_exactly_disjoint_and_balanced():
     for name, spec in countdown_data.SPECS.items():
         splits = countdown_data.make_splits(spec)

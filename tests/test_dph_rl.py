@@ -133,6 +133,7 @@ def test_rehearsal_gradient_flows_only_through_the_current_logprobs(divergence, 
     torch.testing.assert_close(logp.grad, torch.tensor([slopes], dtype=torch.float64), atol=2e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_script_trains_with_the_alpha_divergence(tmp_path):
     result = run_python(["algorithms/dph_rl.py", *TINY_BUDGET, *SETUP_FLAGS["dph_rl"], "--divergence", "alpha",
                          "--alpha", "0.3", "--eta", "0.05", "--output-dir", str(tmp_path)])
@@ -147,14 +148,6 @@ def test_script_trains_with_the_alpha_divergence(tmp_path):
     assert config["rehearsal_prompts"] + config["exploration_prompts"] == 16  # --pool-prompts
     assert step1["losses/rehearsal_loss"] == pytest.approx(0.0, abs=1e-6)  # u = 1 before the first update
     assert step2["losses/rehearsal_loss"] > 0 and step2["losses/rehearsal_u_mean"] != pytest.approx(1.0, abs=1e-6)
-
-
-@pytest.mark.parametrize("alpha", ["0", "1", "-0.5", "1.5"])
-def test_alpha_outside_zero_one_is_a_one_line_error(alpha, tmp_path):
-    result = run_python(["algorithms/dph_rl.py", "--divergence", "alpha", "--alpha", alpha, "--output-dir", str(tmp_path)])
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: --alpha {float(alpha)}: must be")
-    assert not any(tmp_path.iterdir())  # refused before any run folder (or model) was made
 
 
 def test_rehearsal_set_layout_keeps_the_initial_logprobs(random_model):
@@ -229,6 +222,7 @@ def two_processes():
     return run_distributed(_both)
 
 
+@pytest.mark.slow
 def test_presample_on_two_processes_gives_every_process_the_single_process_sets(two_processes):
     # 7 pool prompts over 2 processes: shares of 4 and 3 (+ 1 padding prompt whose samples are dropped); the embedded
     # model solves prompts 1, 3, 5 and 6 greedily, in both shares
@@ -239,6 +233,7 @@ def test_presample_on_two_processes_gives_every_process_the_single_process_sets(
         assert torch.equal(correct, single[0]) and torch.equal(item_index, single[1]) and kept == single[2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", range(len(MICRO_BATCH_TOKENS)))
 def test_rehearsal_loss_on_two_processes_equals_one_process_on_the_whole_batch(two_processes, case):
     loss, grad = _rehearsal_step(MICRO_BATCH_TOKENS[case])

@@ -138,6 +138,7 @@ RUNNER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method_flags", [[], ["--method", "em-ft", "--group-size", "1"]])
 def test_training_is_identical_when_every_gold_answer_is_garbage(method_flags, tmp_path):
     records, weights = {}, {}
@@ -158,16 +159,17 @@ def test_training_is_identical_when_every_gold_answer_is_garbage(method_flags, t
     assert all(torch.equal(weights["real"][name], weights["garbage"][name]) for name in weights["real"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,message", [
     (["--group-size", "1"], "error: --group-size 1: must be >= 2 for em-rl"),
-    (["--method", "em-ft", "--entropy-coef", "0.001"], "error: --entropy-coef 0.001: is an EM-RL term"),
-])
+])  # --entropy-coef with em-ft: tests/test_bad_input.py
 def test_bad_input_gives_one_line_error(flags, message, tmp_path):
     result = run_python(["algorithms/em_rl.py", *flags, "--output-dir", str(tmp_path)])
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(message)
 
 
+@pytest.mark.slow
 def test_sequence_sum_reward_with_entropy_bonus_and_minibatches_runs(tmp_path):
     result = run_python(["algorithms/em_rl.py", *TINY, "--reward-type", "sequence", "--reward-norm", "sum", "--entropy-coef",
                    "0.001", "--num-mini-batches", "2", "--num-epochs", "2", "--micro-batch-size", "3",

@@ -84,6 +84,7 @@ def _run_script(flags, tmp_path):
     return run_python(["algorithms/kl_cov.py", *flags, "--output-dir", str(tmp_path)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mini_batches,micro_batch_tokens", [(4, 0), (1, 0), (1, 200)])
 def test_script_penalty_acts_only_with_several_mini_batches(mini_batches, micro_batch_tokens, tmp_path):
     # with --micro-batch-tokens the gradient pass trims padding; the on-policy d must still be exactly 0, not ~1e-7
@@ -99,12 +100,6 @@ def test_script_penalty_acts_only_with_several_mini_batches(mini_batches, micro_
     else:
         assert step1["losses/kl_cov_penalty"] == 0.0 and step1["losses/approx_kl"] == 0.0
         assert "penalty at zero" in result.stdout
-
-
-def test_bad_ratio_gives_one_line_error(tmp_path):
-    result = _run_script(["--kl-cov-ratio", "0"], tmp_path)
-    assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --kl-cov-ratio 0.0: ")
 
 
 def _dyadic_batch():
@@ -129,6 +124,7 @@ def _covariance_and_selection(logp, advantages, mask, ratios):
             for ratio in ratios]
 
 
+@pytest.mark.slow
 def test_two_processes_on_the_halves_select_what_one_process_selects_on_the_whole_batch():
     # global means, N and top-k (torch.topk of both processes' covariances in rank order), every process keeps its own
     batch, ratios = _dyadic_batch(), [0.01, 0.1, 0.2, 0.3, 0.5, 1.0]

@@ -173,6 +173,7 @@ def test_gold_is_parsed_once_per_prompt(monkeypatch):
     assert common._parsed_gold.cache_info().currsize == 1
 
 
+@pytest.mark.slow
 def test_hostile_gold_costs_one_timeout():
     """A gold that parses at once but makes every comparison run into the timeout costs that timeout once, in the
     main thread and in the helper process that serves other threads (each has its cache)."""
@@ -193,10 +194,12 @@ def test_hostile_gold_costs_one_timeout():
     assert not worker.is_alive() and in_thread[1][0] == [(False, True)] * 4 and in_thread[1][1] < 2 * common.MATH_TIMEOUT
 
 
+@pytest.mark.slow
 def test_power_tower_is_cut_by_the_timeout_in_the_main_thread():
     assert common.verify_math("2", "\\boxed{9^{9^{9}}}") == (False, True)
 
 
+@pytest.mark.slow
 def test_verification_works_outside_the_main_thread():
     results = []
     cases = [("\\frac{1}{2}", "\\boxed{0.5}"), ("3", "so \\boxed{4}"), ("2", "\\boxed{9^{9^{9}}}")]  # the last: a timeout

@@ -71,6 +71,7 @@ def test_check_shared_args_warns_on_a_small_gpu(model_folder, capsys, monkeypatc
     assert capsys.readouterr().err.count("warning: estimated peak memory") == 1
 
 
+@pytest.mark.slow
 def test_measured_activation_slopes_match_the_formula():
     """The per-token bytes per decoder layer that benchmarks/memory_model.py counts on a tiny config equal what
     common.memory_coefficients says, with and without gradient checkpointing (formula and measurement cannot drift)."""

@@ -1,5 +1,5 @@
-"""PRIME math on hand-made tensors (values worked out by hand in the comments), invariants, the same step from one
-process or two (one of which may keep no prompt), and end-to-end runs of the paths the default smoke run does not reach
+"""PRIME math on hand-made tensors (values worked out by hand in the comments), invariants, prime.py's steps made by one
+process or two (either of which may keep no prompt), and end-to-end runs of the paths the default smoke run does not reach
 (skipped steps, --prm-update before, --prm-ref policy, mini-batches)."""
 
 import copy
@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_update, load_algorithm, run_distributed, run_python, sample_batch
+from conftest import assert_same_run, load_algorithm, records, run_on_fixed_rollouts, run_python
 from test_smoke import TINY_BUDGET
 
 import common
@@ -160,91 +160,38 @@ def test_an_empty_kept_batch_gives_empty_advantages():
     assert advantages.shape == (0, 3) and scale.item() == pytest.approx(1e-6)
 
 
-def prime_step(rewards, fsdp: bool, micro_batch_tokens: int):
-    """One PRIME step as prime.py makes it (--prm-update before, 3 mini-batches, SGD with lr 1 for the PRM and the
-    policy, no truncation filter) on this process's share of a fixed global batch of 2 prompts x 4 responses.
-    Returns (advantages of this process's rows, process-reward scale, PRM accuracy, reduced losses, parameters)."""
-    policy, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
-    prm, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
-    prm_ref, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL, frozen=True)
-    ro, mask, T = sample_batch(policy, tokenizer)  # seeded: the same global batch in every process
-    world = common.world_size()
-    rows = torch.arange(8).chunk(world)[common.rank()]  # this process's prompts, whole groups
-    input_ids, attention_mask, mask, widths = ro.input_ids[rows], ro.attention_mask[rows], mask[rows], ro.widths[rows]
-    acc, index = rewards[rows], ro.prompt_index[rows] - ro.prompt_index[rows].min()
-    policy, prm = common.data_parallel(policy, fsdp), common.data_parallel(prm, fsdp)
-    optimizer, prm_optimizer = torch.optim.SGD(policy.parameters(), lr=1.0), torch.optim.SGD(prm.parameters(), lr=1.0)
-    with torch.no_grad():
-        old_logp = common.response_logprobs(policy, input_ids, attention_mask, T).logp
-    keep, _ = prime.keep_prompts(acc, ro.truncated[rows], index, 0.2, 0.8, False)
-    kept = keep[index].nonzero().squeeze(-1)
-    counts = common.gather_lists([len(kept)])
-    ref_logp = torch.zeros_like(mask)
-    if len(kept):
-        ref_logp[kept] = prime.prm_reference_logprobs(prm_ref, None, input_ids[kept], attention_mask[kept], T, 1.0)
-    losses = {"prm": 0.0, "policy": 0.0}
-    for part_rows, weights in common.mini_batch_parts(kept, 3, seed=None):
-        n_seqs = common.all_sum(weights.sum())
-        prm_optimizer.zero_grad()
-        for part in common.micro_batches(torch.arange(len(part_rows)), widths[part_rows], 3, micro_batch_tokens):
-            idx, weight = part_rows[part], weights[part]
-            logp = common.response_logprobs(prm, input_ids[idx], attention_mask[idx], T).logp
-            q = (logp - ref_logp[idx]) * mask[idx]
-            loss = world * prime.prm_ce_loss(q, mask[idx], acc[idx], 0.5, n_seqs, weight)
-            loss.backward()
-            losses["prm"] += loss.item()
-        prm_optimizer.step()
-    padded = torch.cat([kept, kept.new_zeros(max(counts) - len(kept))])
-    with torch.no_grad():
-        q = (common.response_logprobs(prm, input_ids[padded], attention_mask[padded], T).logp[: len(kept)]
-             - ref_logp[kept]) * mask[kept]
-    # as prime.py: on every process's kept rows, each process keeping its own advantages
-    all_q, all_mask, all_acc = (common.gather_rows(x) for x in (q, mask[kept], acc[kept]))
-    all_index = common.gather_rows(index[kept] + common.rank() * (2 // world))  # prompts of the global batch
-    prm_acc = prime.pairwise_ranking_accuracy(common.gather_rows(q.sum(-1)), all_acc, all_index)
-    all_advantages, scale = prime.prime_advantages(all_q, all_mask, all_acc, all_index, 0.5, 1.0)
-    advantages = torch.zeros_like(mask)
-    advantages[kept] = common.own_rows(all_advantages, q)
-    for part_rows, weights in common.mini_batch_parts(kept, 3, seed=0):
-        train_mask = mask[part_rows] * weights[:, None]
-        mb_tokens, n_seqs = common.all_sum(train_mask.sum()), common.all_sum(weights.sum())
-        optimizer.zero_grad()
-        for part in common.micro_batches(torch.arange(len(part_rows)), widths[part_rows], 3, micro_batch_tokens):
-            idx = part_rows[part]
-            logp = common.response_logprobs(policy, input_ids[idx], attention_mask[idx], T).logp
-            token_loss, _, _ = prime.ppo_clip_loss(logp, old_logp[idx], advantages[idx], 0.2, 0.2)
-            loss = world * prime.aggregate_loss(token_loss, train_mask[part], "seq-mean-token-mean", mb_tokens, n_seqs)
-            loss.backward()
-            losses["policy"] += loss.item()
-        optimizer.step()
-    prm_params, _ = common.full_state_dicts(prm)
-    policy_params, _ = common.full_state_dicts(policy)
-    return advantages, scale, prm_acc, common.reduce_metrics(losses), prm_params, policy_params
+EQUIVALENCE_FLAGS = ["--num-steps", "3", "--prompts-per-step", "2", "--group-size", "4", "--prm-update", "before",
+                     "--num-mini-batches", "3", "--no-filter-truncated", "--eval-prompts", "4", "--eval-samples", "2",
+                     "--final-eval-samples", "2", "--log-completions-every", "1", "--checkpoint-every", "0",
+                     "--save-model"]
+VARIANTS = {"ddp": [], "fsdp": ["--micro-batch-tokens", "60"]}  # two processes add --fsdp to the second
 
 
-CASES = [([1.0, 0, 0, 1, 0, 0, 0, 1], False, 0),  # both prompts kept: 4 responses on each process
-         ([1.0, 0, 0, 1, 0, 0, 0, 0], False, 40),  # the second prompt (all wrong) is dropped: process 1 keeps none
-         ([1.0, 0, 0, 1, 0, 0, 0, 0], True, 40)]
-
-
-def prime_steps(cases):
-    return [prime_step(torch.tensor(rewards), fsdp, micro_batch_tokens) for rewards, fsdp, micro_batch_tokens in cases]
-
-
-def test_two_processes_make_the_step_of_one_on_the_same_global_batch():
-    # the process-reward scale, the whitening, the PRM's and the policy's denominators and the mini-batches are global;
-    # every process makes the same calls even with no kept response (DDP and FSDP would hang otherwise)
-    initial, _ = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
-    for (rewards, fsdp, _), first, second in zip(CASES, *run_distributed(prime_steps, CASES)):  # one spawn for all cases
-        one = prime_step(torch.tensor(rewards), fsdp, 0)
-        torch.testing.assert_close(torch.cat([first[0], second[0]]), one[0], rtol=1e-4, atol=1e-5)
-        assert one[0].abs().sum() > 0 and one[1] > 1e-3  # the PRM moved: process rewards are not 0
-        for result in (first, second):
-            assert result[1].item() == pytest.approx(one[1].item(), rel=1e-4)
-            assert result[2] == pytest.approx(one[2])
-            assert result[3] == pytest.approx(one[3], rel=1e-4, abs=1e-7)
-        for params, one_params in ((first[4], one[4]), (first[5], one[5])):
-            assert_same_update(params, one_params, initial.state_dict(), atol=3e-5)  # 3 steps of lr 1: rounding grows
+@pytest.mark.slow
+def test_two_processes_make_the_steps_of_one_even_when_one_keeps_no_prompt(tmp_path):
+    """prime.py run by one process and by two under torchrun (DDP, then FSDP2 with token-budget micro-batches) on
+    rollouts that do not depend on the processes (tests/fixed_rollouts.py), --prm-update before, 3 mini-batches: the
+    same records (PRM loss and ranking accuracies, process-reward scale, policy loss, covariance) and the same policy
+    update. The process-reward scale, the whitening, the PRM's and the policy's denominators and the mini-batches are
+    global. With one prompt per process, a step that keeps half of the prompts leaves a process with nothing to train
+    on: it must still make every collective call (DDP and FSDP would hang otherwise)."""
+    for processes in (1, 2):
+        runs = [["algorithms/prime.py", *EQUIVALENCE_FLAGS, *flags, *(["--fsdp"] if processes == 2 and flags else []),
+                 "--output-dir", str(tmp_path / variant / str(processes))] for variant, flags in VARIANTS.items()]
+        run_on_fixed_rollouts(runs, processes, tmp_path / f"{processes}.json")
+    for variant in VARIANTS:
+        one, two = (next((tmp_path / variant / str(processes)).iterdir()) for processes in (1, 2))
+        assert_same_run(one, two)
+        steps = records(one)[1:]
+        assert max(step["charts/process_reward_scale"] for step in steps) > 1e-3  # the PRM moved: q is not 0
+        # rank 0 logged its prompt's 4 responses: it kept the prompt iff 1 to 3 are correct (--acc-low/high 0.2/0.8)
+        completions = [json.loads(line) for line in (two / "completions.jsonl").read_text().splitlines()]
+        correct = [sum(row["reward"] for row in completions if row["step"] == step["step"]) for step in steps]
+        empty = []  # per step, the process(es) that kept no prompt
+        for step, n in zip(steps, correct, strict=True):
+            kept = round(step["charts/kept_frac"] * 2)  # of the step's 2 prompts, one a process
+            empty.append({0: "both", 2: "neither"}.get(kept, "rank 1" if 1 <= n <= 3 else "rank 0"))
+        assert {"rank 0", "rank 1", "neither"} <= set(empty), empty
 
 
 def _records(tmp_path):
@@ -252,6 +199,7 @@ def _records(tmp_path):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_step_with_no_kept_prompt_is_skipped_and_counted(tmp_path):
     # two-token responses can never end (an answer needs more characters): every prompt is dropped as truncated
     result = run_python(["algorithms/prime.py", *TINY_BUDGET, "--max-new-tokens", "2", "--output-dir", str(tmp_path)])
@@ -261,6 +209,7 @@ def test_step_with_no_kept_prompt_is_skipped_and_counted(tmp_path):
     assert math.isnan(step2["losses/policy_loss"]) and step2["losses/cov"] == 0 and "losses/prm_loss" not in step2
 
 
+@pytest.mark.slow
 def test_prm_update_before_with_policy_reference_and_minibatches(tmp_path):
     result = run_python(["algorithms/prime.py", *TINY_BUDGET, "--prompts-per-step", "12", "--acc-low", "0", "--acc-high", "1",
                   "--prm-update", "before", "--prm-ref", "policy", "--num-mini-batches", "3", "--num-epochs", "2",
@@ -276,9 +225,8 @@ def test_prm_update_before_with_policy_reference_and_minibatches(tmp_path):
     assert step1["losses/approx_kl"] > 0
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--acc-low", "0.9", "--acc-high", "0.1"], "error: --acc-low 0.9: must be <= --acc-high 0.1"),
-    (["--prm-beta", "0"], "error: --prm-beta 0.0: "),
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, message", [  # the other flags' checks: tests/test_bad_input.py
     (["--group-size", "1"], "error: --group-size 1: must be >= 2: leave-one-out baselines")])
 def test_bad_input_gives_one_line_error(flags, message, tmp_path):
     result = run_python(["algorithms/prime.py", *flags, "--output-dir", str(tmp_path)])

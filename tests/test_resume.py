@@ -11,6 +11,8 @@ from test_smoke import TINY_BUDGET
 
 import common
 
+pytestmark = pytest.mark.slow  # every test runs a script in a subprocess
+
 EXTRA_FLAGS = {  # flags that make a short run exercise the method's own checkpointed state
     **SETUP_FLAGS,  # DPH-RL: a non-empty rehearsal set
     "prime": ["--acc-low", "0", "--acc-high", "1"],  # the PRM trains at every step: its weights and optimizer matter

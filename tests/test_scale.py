@@ -199,6 +199,7 @@ def qwen_style_model_and_gsm8k(tmp_path_factory, embedded):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_every_file_runs_a_chat_model_on_gsm8k_with_the_scale_flags(name, qwen_style_model_and_gsm8k, tmp_path):
     root = qwen_style_model_and_gsm8k
@@ -216,9 +217,12 @@ def test_every_file_runs_a_chat_model_on_gsm8k_with_the_scale_flags(name, qwen_s
     assert json.loads((run_dir / "config.json").read_text())["max_new_tokens"] == 12  # the flag wins
 
 
-@pytest.mark.parametrize("name", ALGORITHMS)
-def test_every_file_generates_the_tasks_own_length_unless_told(name, qwen_style_model_and_gsm8k, tmp_path):
-    # without --max-new-tokens a gsm8k run generates up to gsm8k's 512 tokens (not countdown's 32), says so, and records it
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["grpo", "dph_rl"])  # the length, the line and config.json are the shared blocks'
+def test_a_file_generates_the_tasks_own_length_unless_told(name, qwen_style_model_and_gsm8k, tmp_path):
+    # without --max-new-tokens a gsm8k run generates up to gsm8k's 512 tokens (not countdown's 32), says so, and records
+    # it. common.check_shared_args sets it, and the line and config.json (written with the first record) are in blocks
+    # that test_anatomy keeps equal to grpo.py's in every file; dph_rl.py samples in its set-up before the first record
     root = qwen_style_model_and_gsm8k
     flags = ["--model-name", str(root / "model"), "--task", "gsm8k", "--dataset", str(root / "gsm8k"), "--num-steps", "1",
              "--prompts-per-step", "2", "--group-size", "2", "--eval-prompts", "2", "--eval-samples", "1",
@@ -294,6 +298,7 @@ def test_dropout_is_off_in_every_loaded_model(dropout_model):
         assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
 
 
+@pytest.mark.slow
 def test_first_mini_batch_is_on_policy_with_a_dropout_model(dropout_model, tmp_path):
     # from step 2 on the old log-probs come from the policy in train mode: ratio 1 needs dropout off
     result = run_python(["algorithms/grpo.py", "--model-name", str(dropout_model), *TINY_BUDGET,
