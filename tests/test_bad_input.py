@@ -532,7 +532,10 @@ def _start_run(out_dir: Path, *flags: str) -> subprocess.Popen:
     refuse_in_the_quick_tier()
     return subprocess.Popen([sys.executable, "algorithms/grpo.py", "--output-dir", str(out_dir), "--eval-prompts", "8",
                              "--final-eval-samples", "2", "--prompts-per-step", "4", "--group-size", "4", *flags],
-                            cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=common.REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # as a terminal's Ctrl-C: a test runner started in the background (`cmd &`) passes on
+                            # an ignored SIGINT, and Python then installs no KeyboardInterrupt handler
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _lines_until(proc: subprocess.Popen, prefix: str) -> list[str]:
