@@ -28,24 +28,52 @@ def micro_batch_counts(widths_per_rank):
     return [len(b) for b in common.micro_batches(torch.arange(len(widths)), widths, 8, 20)]
 
 
-def test_every_process_gets_as_many_micro_batches():
-    short, long = [[1, 1]] * 8, [[5, 5]] * 8  # 20 tokens: 8 short rows fit in 1 micro-batch, long rows go 2 by 2
-    assert micro_batch_counts([long]) == [2, 2, 2, 2]
-    sizes = run_distributed(micro_batch_counts, [short, long])
-    assert len(sizes[0]) == len(sizes[1]) == 4 and sum(sizes[0]) == sum(sizes[1]) == 8
-
-
 def mini_batch_rows(counts: list[int], seed):
     """This process's parts of 3 mini-batches; its rows are labelled 100 x rank + local index."""
     rows = torch.arange(counts[common.rank()]) + 100 * common.rank()
     return [(part.tolist(), weights.tolist()) for part, weights in common.mini_batch_parts(rows, 3, seed)]
 
 
+def collectives():
+    r = common.rank()
+    return (common.all_sum(torch.tensor([r + 1.0])).item(), common.gather_lists([r, r]), common.shard(list(range(6))),
+            common.reduce_metrics({"a": float(r), "time/step": float(r)}))
+
+
+def greedy_eval(n_prompts):
+    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
+    task = common.get_task("countdown")
+    return common.evaluate(model, tokenizer, task, task.items("test")[:n_prompts], 0, common.Sampling(32))
+
+
+SHORT, LONG = [[1, 1]] * 8, [[5, 5]] * 8  # 20 tokens: 8 short rows fit in 1 micro-batch, long rows go 2 by 2
+EVAL_PROMPTS = (9, 10)  # uneven shares are padded, and the padding is not counted
+
+
+def helper_calls():
+    """The calls of the tests below, made in one spawn of 2 processes (a spawn costs seconds: each imports torch)."""
+    return {"micro_batches": micro_batch_counts([SHORT, LONG]),
+            "shuffles": {seed: mini_batch_rows([5, 2], seed) for seed in (None, 7)},  # uneven, as PRIME's kept rows
+            "collectives": collectives(),
+            "evaluations": [greedy_eval(n_prompts) for n_prompts in EVAL_PROMPTS]}
+
+
+@pytest.fixture(scope="module")
+def two_processes():
+    return run_distributed(helper_calls)
+
+
+def test_every_process_gets_as_many_micro_batches(two_processes):
+    assert micro_batch_counts([LONG]) == [2, 2, 2, 2]
+    sizes = [result["micro_batches"] for result in two_processes]
+    assert len(sizes[0]) == len(sizes[1]) == 4 and sum(sizes[0]) == sum(sizes[1]) == 8
+
+
 @pytest.mark.parametrize("seed", [None, 7])
-def test_processes_share_one_shuffle_into_mini_batches(seed):
+def test_processes_share_one_shuffle_into_mini_batches(seed, two_processes):
     one = mini_batch_rows([7], seed)  # one process holding the global batch of 7 rows
     assert sorted(row for part, _ in one for row in part) == list(range(7)) and all(min(w) == 1 for _, w in one)
-    first, second = run_distributed(mini_batch_rows, [5, 2], seed)  # uneven shares, as PRIME's kept rows
+    first, second = (result["shuffles"][seed] for result in two_processes)  # shares of 5 and 2 rows
     to_global = {**{r: r for r in range(5)}, 100: 5, 101: 6}
     for (rows, weights), (part0, w0), (part1, w1) in zip(one, first, second, strict=True):
         assert len(part0) == len(part1)  # fillers even the shares out: as many micro-batches everywhere
@@ -56,27 +84,15 @@ def test_processes_share_one_shuffle_into_mini_batches(seed):
         assert one != mini_batch_rows([7], None)  # shuffled
 
 
-def collectives():
-    r = common.rank()
-    return (common.all_sum(torch.tensor([r + 1.0])).item(), common.gather_lists([r, r]), common.shard(list(range(6))),
-            common.reduce_metrics({"a": float(r), "time/step": float(r)}))
-
-
-def test_shared_helpers_agree_across_processes():
-    first, second = run_distributed(collectives)
+def test_shared_helpers_agree_across_processes(two_processes):
+    first, second = (result["collectives"] for result in two_processes)
     assert first == (3.0, [0, 0, 1, 1], [0, 1, 2], {"a": 0.5, "time/step": 1.0})
     assert second[:2] == first[:2] and second[2] == [3, 4, 5] and second[3] == first[3]
 
 
-def greedy_eval(n_prompts):
-    model, tokenizer = common.load_model_and_tokenizer(common.EMBEDDED_MODEL)
-    task = common.get_task("countdown")
-    return common.evaluate(model, tokenizer, task, task.items("test")[:n_prompts], 0, common.Sampling(32))
-
-
-def test_evaluation_split_over_processes_equals_one_process():
-    for n_prompts in (9, 10):  # uneven shares are padded, and the padding is not counted
-        assert run_distributed(greedy_eval, n_prompts) == [greedy_eval(n_prompts)] * 2
+def test_evaluation_split_over_processes_equals_one_process(two_processes):
+    for i, n_prompts in enumerate(EVAL_PROMPTS):
+        assert [result["evaluations"][i] for result in two_processes] == [greedy_eval(n_prompts)] * 2
 
 
 FLAGS = ["--num-steps", "4", "--prompts-per-step", "4", "--group-size", "4", "--eval-prompts", "8", "--eval-samples", "2",

@@ -23,22 +23,23 @@ FLAGS = ["--num-steps", str(NUM_STEPS), "--prompts-per-step", "4", "--group-size
          "--log-completions-every", "0"]
 
 
-def start(name, out):
-    argv = [sys.executable, f"algorithms/{name}.py", *FLAGS, *EXTRA_FLAGS.get(name, []), "--output-dir", str(out)]
+def start(name, *flags):
+    argv = [sys.executable, f"algorithms/{name}.py", *flags]
     return subprocess.Popen(argv, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_killed_and_resumed_run_matches_an_uninterrupted_one(name, tmp_path):
-    full = start(name, tmp_path / "full")
-    assert full.wait(timeout=600) == 0, full.stderr.read()[-2000:]
-
-    victim = start(name, tmp_path / "killed")
+    # the uninterrupted run goes on while the other is killed and resumed (separate folders)
+    flags = [*FLAGS, *EXTRA_FLAGS.get(name, [])]
+    full, victim = start(name, *flags, "--output-dir", str(tmp_path / "full")), \
+        start(name, *flags, "--output-dir", str(tmp_path / "killed"))
     run_dir = kill_after_first_checkpoint(victim, tmp_path / "killed", victim.kill)  # SIGKILL
     assert records(run_dir)[-1]["step"] < NUM_STEPS
 
-    resumed = run_python([f"algorithms/{name}.py", "--resume", str(run_dir)])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = start(name, "--resume", str(run_dir))
+    for run in (resumed, full):
+        assert run.wait(timeout=600) == 0, run.stderr.read()[-2000:]
     (full_dir,) = (tmp_path / "full").iterdir()
     assert records(run_dir) == records(full_dir)
 
