@@ -1076,7 +1076,7 @@ def _first_bad_line(file: Path) -> str | None:
     try:
         if file.stat().st_size == 0:
             return f"{file} is empty"
-        lines = open(file, "rb") if file.suffix == ".jsonl" else []
+        lines = file.read_bytes().splitlines() if file.suffix == ".jsonl" else []
     except OSError as exc:
         return f"{file} cannot be read ({exc.strerror})"
     for number, line in enumerate(lines, 1):
