@@ -526,6 +526,29 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, sampling
     return metrics
 
 
+PROBE_SAMPLES, PROBE_SEED = 8, 0
+
+
+def probe(model, tokenizer, task, items: list[dict], sampling: Sampling, **micro) -> dict:
+    """Token entropy and accuracy of the policy on a fixed probe set (`items`, PROBE_SAMPLES responses each), for the
+    entropy-performance law: unlike a training batch, the probe's difficulty never changes, so what moves its
+    accuracy is the policy. The samples are drawn from a fixed seed (the same random numbers at every probe) inside
+    a forked random state: a run with probes trains exactly as one without."""
+    mine, n_mine, _ = padded_share(items)
+    device = next(unwrap(model).parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        torch.manual_seed(PROBE_SEED)
+        ro = rollout(model, tokenizer, [task.prompt(item) for item in mine], PROBE_SAMPLES, sampling)
+        entropy = response_logprobs(model, ro.input_ids, ro.attention_mask, ro.response_ids.shape[1],
+                                    sampling.temperature, with_entropy=True, **micro).entropy
+    real = n_mine * PROBE_SAMPLES  # rows of the padding (FSDP's even shares) are dropped
+    mask = ro.response_mask[:real].float()
+    correct = sum(task.verify(mine[i // PROBE_SAMPLES], text)[0] for i, text in enumerate(ro.texts[:real]))
+    sums = all_sum(torch.tensor([(entropy[:real] * mask).sum().item(), mask.sum().item(), correct, real],
+                                dtype=torch.float64))
+    return {"probe/entropy": (sums[0] / sums[1].clamp(min=1)).item(), "probe/accuracy": (sums[2] / sums[3]).item()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Tasks and verifiers: countdown (generated, shipped in benchmarks/data/)
 # --------------------------------------------------------------------------------------------------
@@ -1290,7 +1313,8 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of every script's Ar
     "pool_prompts": _AT_LEAST_1, "rehearsal_batch_size": _AT_LEAST_1,
     "group_size": _rule(lambda v: v >= 1, "must be >= 1 (and >= 2 where groups give the baseline)"),
     # an AdamW step moves every weight by about the learning rate: above 1 it is noise (1e39 overflows in float32)
-    "learning_rate": _rule(lambda v: 0 < v <= 1, "must be in (0, 1]", finite=True),
+    "learning_rate": _rule(lambda v: 0 <= v <= 1, "must be in [0, 1] (0: the policy never changes)", finite=True),
+    "probe_every": _NEVER_0, "probe_prompts": _AT_LEAST_1,
     "prm_learning_rate": _rule(lambda v: 0 <= v <= 1, "must be in [0, 1] (0: the PRM stays frozen)", finite=True),
     "max_grad_norm": _POSITIVE, "prm_max_grad_norm": _POSITIVE, "prm_beta": _POSITIVE, "rho": _POSITIVE,
     "clip_eps_low": _UNIT, "clip_eps_high": _POSITIVE,

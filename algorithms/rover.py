@@ -108,6 +108,12 @@ class Args:
     """samples per prompt for mean@n and pass@k during training"""
     final_eval_samples: int = 64
     """samples per prompt in the evaluations before and after training (pass@k up to this k)"""
+    eval_base: bool = True
+    """evaluate the base model before training (benchmarks/run.py evaluates it once per suite)"""
+    probe_every: int = 0
+    """every this many steps: entropy and accuracy on fixed training prompts (0: never)"""
+    probe_prompts: int = 64
+    """training prompts in that probe set, 8 samples each drawn with a fixed seed"""
 
     # Scale (GPU and several processes; see README.md#real-models-and-several-gpus)
     bf16: bool = True
@@ -220,6 +226,7 @@ if __name__ == "__main__":
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
     eval_items = task.eval_items(args.eval_split, args.eval_prompts)
+    probe_items = train_items[: args.probe_prompts]  # fixed prompts for the entropy probe
     sampler = common.PromptSampler(train_items, args.prompts_per_step, args.seed)
     guard = common.NonFiniteGuard(optimizer)  # also checks the weights after each step
     start_step = 1
@@ -236,9 +243,13 @@ if __name__ == "__main__":
     print(f"max new tokens: {args.max_new_tokens}")
 
     # TRY NOT TO MODIFY: evaluate the base model, then train
-    if start_step == 1:
-        metrics = common.evaluate(policy, tokenizer, task, eval_items, args.final_eval_samples,
-                                  sampling=sampling)
+    if start_step == 1 and (args.eval_base or args.probe_every):
+        metrics = {}
+        if args.eval_base:
+            metrics.update(common.evaluate(policy, tokenizer, task, eval_items,
+                                           args.final_eval_samples, sampling=sampling))
+        if args.probe_every:
+            metrics.update(common.probe(policy, tokenizer, task, probe_items, sampling, **micro))
         logger.log(0, metrics)
         print(common.summary_line(0, args.num_steps, metrics), flush=True)
     for step in range(start_step, args.num_steps + 1):
@@ -356,6 +367,8 @@ if __name__ == "__main__":
         # TRY NOT TO MODIFY: mean over processes, evaluation, logging
         metrics = common.reduce_metrics(metrics)  # mean over processes
         last_step = step == args.num_steps
+        if args.probe_every and (step % args.probe_every == 0 or last_step):
+            metrics.update(common.probe(policy, tokenizer, task, probe_items, sampling, **micro))
         if args.eval_every and step % args.eval_every == 0 and not last_step:
             metrics.update(common.evaluate(policy, tokenizer, task, eval_items, args.eval_samples,
                                            sampling=sampling))

@@ -1,147 +1,259 @@
-"""Turn a folder of benchmark runs into `benchmarks/results/<suite>/README.md` with tables and PNG plots.
+"""Turn a suite's per-run results files into `benchmarks/results/<suite>/README.md`: tables with tests, plots, claims.
 
-    python benchmarks/report.py --runs runs/bench/countdown --dest benchmarks/results/countdown
+    python benchmarks/report.py --suite countdown        # reads benchmarks/results/countdown/runs/*.json
 
-`--runs` holds one sub-folder per algorithm with that algorithm's run folders (what `benchmarks/run.py` writes).
-Tables are mean ± std over seeds. A hand-written `discussion.md` in the destination folder is kept and included.
+The results files (one per run, written by `benchmarks/run.py`) are committed, so every number here can be
+recomputed without rerunning anything. Each method is read against GRPO and against its matched control (the suite
+file's `control`): mean difference over seeds with a 95% CI and the p of a paired t-test (`benchmarks/stats.py`;
+the seeds are shared: one seed, one prompt order and base model). A difference with p >= 0.05 is reported as "no
+difference measured". A hand-written `discussion.md` in the destination folder is kept and included.
 """
 
 import json
 import math
-import os
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
 
-PASS_KS = [1, 4, 16, 64]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402
+from run import load_suite  # noqa: E402
+
+COV_SCRIPTS = ("grpo", "clip_cov", "kl_cov")  # the same advantage (GRPO's), so the same covariance
 
 
 @dataclass
 class Args:
-    runs: str
-    """folder with one sub-folder of run folders per algorithm"""
-    dest: str
-    """folder to write README.md and the plots to"""
     suite: str = "countdown"
-    """suite name, for the title"""
+    """suite name (benchmarks/suites/<name>.toml) or path"""
+    dest: str = ""
+    """folder with runs/*.json, where README.md and the plots go (default benchmarks/results/<suite>)"""
     failed: list[str] = field(default_factory=list)
     """runs that failed (listed in the report)"""
-    algos: list[str] = field(default_factory=list)
-    """the order of the algorithms in tables and legends (default: alphabetical)"""
 
 
-def read_run(run_dir: Path) -> dict:
-    """One run folder as {"config": dict, "records": [dict, ...]} (the lines of metrics.jsonl)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"config": json.loads((run_dir / "config.json").read_text()), "records": records}
+# -- reading ---------------------------------------------------------------------------------------------------------
 
 
-def load_runs(root: Path) -> dict[str, list[dict]]:
-    """{algorithm: [run, ...]} from `root/<algorithm>/<run>/`; runs without records are skipped."""
-    groups: dict[str, list[dict]] = {}
-    for metrics_file in sorted(root.glob("*/*/metrics.jsonl")):
-        run = read_run(metrics_file.parent)
-        if run["records"]:
-            groups.setdefault(metrics_file.parent.parent.name, []).append(run)
-    return groups
+def load_results(folder: Path) -> dict[str, list[dict]]:
+    """{row: [run, ...]} from `folder/*.json`, sorted by seed; every eval record also gets `eval/[subset/]mean@n`."""
+    rows: dict[str, list[dict]] = {}
+    for path in sorted(folder.glob("*.json")):
+        run = json.loads(path.read_text())
+        for record in run["evals"]:
+            record.update({k.split("mean@")[0] + "mean@n": v for k, v in list(record.items())
+                           if "/mean@" in k and k.split("mean@")[1].isdigit()})
+        rows.setdefault(run["row"], []).append(run)
+    return {row: sorted(runs, key=lambda r: r["seed"]) for row, runs in rows.items()}
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for a single value)."""
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def final(run: dict) -> dict:
+    """The last evaluation record (the base's only one), with the last probe entropy and accuracy."""
+    record = dict(run["evals"][-1]) if run["evals"] else {}
+    if run["probe"]:
+        record["probe/entropy"], record["probe/accuracy"] = run["probe"][-1][1], run["probe"][-1][2]
+    return record
 
 
-def fmt(values: list[float], digits: int = 3) -> str:
-    if not values:
+def top_k(runs: list[dict]) -> int:
+    """The largest power of two k <= n / 4 for the final samples n (pass@k's estimate is reliable well below n)."""
+    n = min(int(k.split("@")[1]) for run in runs for k in run["evals"][-1] if k.startswith("eval/mean@")
+            and k.split("@")[1].isdigit())
+    return 2 ** int(math.log2(max(1, n // 4)))
+
+
+def values(runs: list[dict], key: str) -> dict[int, float]:
+    """{seed: final value of `key`} over the runs that have it."""
+    return {run["seed"]: final(run)[key] for run in runs if key in final(run)}
+
+
+def fmt(vals, digits: int = 3) -> str:
+    vals = list(vals.values()) if isinstance(vals, dict) else list(vals)
+    if not vals:
         return "–"
-    mean, std = mean_std(values)
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+    if len(vals) == 1:
+        return f"{vals[0]:.{digits}f}"
+    return f"{statistics.mean(vals):.{digits}f} ± {statistics.stdev(vals):.{digits}f}"
 
 
-def evals(run: dict) -> list[dict]:
-    """Evaluation records (step, metrics) with every `eval/[subset/]mean@<n>` also under the common key
-    `eval/[subset/]mean@n`."""
-    out = []
-    for record in run["records"]:
-        if "eval/greedy_acc" in record:
-            record = dict(record)
-            record.update({k.split("mean@")[0] + "mean@n": v for k, v in record.items()
-                           if "/mean@" in k and k.split("mean@")[1].isdigit()})  # eval/mean@64 -> eval/mean@n, ...
-            out.append(record)
-    return out
+def compare(a: dict[int, float], b: dict[int, float]) -> stats.Comparison:
+    """a - b: paired over shared seeds; against a single value (the base, evaluated once) a one-sample t-test."""
+    if len(b) == 1 and len(a) > 1:
+        value = next(iter(b.values()))
+        return stats.paired(a, {seed: value for seed in a})
+    return stats.paired(a, b)
 
 
-def finished(run: dict) -> bool:
-    last = evals(run)
-    return bool(last) and last[-1]["step"] == run["config"]["num_steps"]
+def verdict(c: stats.Comparison, direction: str) -> str:
+    """reproduced (p < 0.05 in the claimed direction), contradicted (p < 0.05 the other way), else no difference."""
+    if math.isnan(c.p):
+        return "not testable (too few runs)"
+    if c.p >= 0.05:
+        return "no difference measured"
+    return "reproduced" if (c.diff > 0) == (direction == "higher") else "contradicted"
 
 
-def pass_at_k_curve(runs: list[dict], stage: int) -> dict[int, tuple[float, float]]:
-    """{k: (mean, std)} over runs of the base (stage 0) or final (stage -1) evaluation's pass@k."""
-    keys = [set(k for k in evals(r)[stage] if k.startswith("eval/pass@")) for r in runs]
-    common_keys = set.intersection(*keys) if keys else set()
-    ks = sorted(int(k.split("@")[1]) for k in common_keys)
-    return {k: mean_std([evals(r)[stage][f"eval/pass@{k}"] for r in runs]) for k in ks}
+# -- the frontier ----------------------------------------------------------------------------------------------------
 
 
-def fit_entropy_law(entropy: list[float], reward: list[float]) -> tuple[float, float]:
-    """Least-squares fit of R = -a * exp(H) + b (linear in exp(H)). Returns (a, b)."""
-    x = [math.exp(h) for h in entropy]
-    x_mean, y_mean = statistics.mean(x), statistics.mean(reward)
-    sxx = sum((xi - x_mean) ** 2 for xi in x)
-    if sxx == 0:
-        return 0.0, y_mean
-    slope = sum((xi - x_mean) * (yi - y_mean) for xi, yi in zip(x, reward)) / sxx
-    return -slope, y_mean - slope * x_mean
+def frontier_points(groups: dict[str, list[dict]], suite: dict, k: int) -> list[tuple[float, float]]:
+    """(pass@1, pass@k) of every frontier point, each the mean over a row's seeds (the upper envelope of single
+    runs would be biased up by their noise): the base at each temperature, and GRPO along its learning-rate sweep
+    (rows marked `frontier`)."""
+    rows = [r for r, spec in suite["rows"].items() if spec.get("frontier")] + [r for r in groups if r.startswith("base")]
+    points = []
+    for row in rows:
+        runs = [run for run in groups.get(row, []) if f"eval/pass@{k}" in final(run)]
+        if runs:
+            points.append((statistics.mean(final(run)["eval/pass@1"] for run in runs),
+                           statistics.mean(final(run)[f"eval/pass@{k}"] for run in runs)))
+    return points
+
+
+def envelope(points: list[tuple[float, float]], x: float) -> float:
+    """The upper envelope of `points` at pass@1 = x: the best pass@k reachable at pass@1 >= x (a point that is better
+    on pass@1 and on pass@k dominates), interpolated linearly between the envelope's corners; nan beyond the best
+    pass@1 on the frontier."""
+    corners = []
+    for px, py in sorted(points, key=lambda p: (-p[0], -p[1])):  # from the best pass@1 down
+        if not corners or py > corners[-1][1]:
+            corners.append((px, py))
+    corners.reverse()  # by rising pass@1, falling pass@k
+    if not corners or x > corners[-1][0]:
+        return math.nan
+    if x <= corners[0][0]:
+        return corners[0][1]
+    for (x0, y0), (x1, y1) in zip(corners, corners[1:]):
+        if x0 <= x <= x1:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return math.nan
+
+
+def above_frontier(runs: list[dict], points, k: int) -> stats.Comparison:
+    """Per seed: the run's pass@k minus the frontier's at the run's pass@1; mean, CI and p of a one-sample t-test."""
+    margins = {run["seed"]: final(run)[f"eval/pass@{k}"] - envelope(points, final(run)["eval/pass@1"]) for run in runs}
+    margins = {s: m for s, m in margins.items() if not math.isnan(m)}
+    return stats.paired(margins, {s: 0.0 for s in margins})
+
+
+# -- the entropy-performance law -------------------------------------------------------------------------------------
 
 
 def law_points(runs: list[dict]) -> tuple[list[float], list[float]]:
-    """(entropy, training accuracy) of every training step of every run."""
-    points = [(r["losses/entropy"], r["charts/accuracy"]) for run in runs for r in run["records"]
-              if "losses/entropy" in r and "charts/accuracy" in r]
+    """(probe entropy, probe accuracy) at every probe of every run: a fixed set of prompts, so batch difficulty does
+    not move the points."""
+    points = [(h, r) for run in runs for _, h, r in run["probe"]]
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def second_skill(records: list[dict]) -> str:
-    """mean@n on the second skill (a skill the runs do not train: a fall is forgetting), or – for a task without one."""
-    return fmt([e["eval/second_skill/mean@n"] for e in records if "eval/second_skill/mean@n" in e])
+def batch_points(runs: list[dict]) -> tuple[list[float], list[float]]:
+    """(entropy, accuracy) of every training batch: the old way, where each batch's difficulty moves both."""
+    points = [(h, r) for run in runs for (_, h), (_, r) in zip(run["train"].get("losses/entropy", []),
+                                                                run["train"].get("charts/accuracy", []))]
+    return [p[0] for p in points], [p[1] for p in points]
 
 
-def summary_table(groups: dict[str, list[dict]], timings: dict) -> str:
-    header = ["algorithm", "seeds", "greedy acc", "mean@n"] + [f"pass@{k}" for k in PASS_KS] + [
-        "final entropy", "distinct correct", "second skill mean@n", "law a", "law b", "wall time (s)", "s / step"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    base_runs = [run for runs in groups.values() for run in runs if evals(run) and evals(run)[0]["step"] == 0]
-    if base_runs:
-        base = [evals(run)[0] for run in base_runs]
-        cells = ["base model", str(len(base)), fmt([e["eval/greedy_acc"] for e in base]),
-                 fmt([e["eval/mean@n"] for e in base])]
-        cells += [fmt([e[f"eval/pass@{k}"] for e in base if f"eval/pass@{k}" in e]) for k in PASS_KS]
-        cells += ["–", fmt([e["eval/distinct_correct"] for e in base], 2), second_skill(base)] + ["–"] * 4
-        lines.append("| " + " | ".join(cells) + " |")
-    for algo, runs in groups.items():
-        done = [run for run in runs if finished(run)]
-        if not done:
-            lines.append(f"| {algo} | 0 | " + " | ".join(["–"] * (len(header) - 2)) + " |")
+def law_table(groups: dict[str, list[dict]]) -> str:
+    lines = ["| row | probes | probe entropy first → last | probe accuracy first → last | law on the probe: a, b, R² "
+             "| line on the probe: slope, R² | law on training batches: a, R² |", "|---|---|---|---|---|---|---|"]
+    for row, runs in groups.items():
+        entropy, accuracy = law_points(runs)
+        if len(entropy) < 3:
             continue
-        final = [evals(run)[-1] for run in done]
-        last_entropy = [statistics.mean([r["losses/entropy"] for r in run["records"] if "losses/entropy" in r][-10:])
-                        for run in done]
-        a, b = fit_entropy_law(*law_points(done))
-        seconds = [timings.get(algo, {}).get(str(run["config"]["seed"])) for run in done]
-        cells = [algo, str(len(done)), fmt([e["eval/greedy_acc"] for e in final]), fmt([e["eval/mean@n"] for e in final])]
-        cells += [fmt([e[f"eval/pass@{k}"] for e in final if f"eval/pass@{k}" in e]) for k in PASS_KS]
-        cells += [fmt(last_entropy), fmt([e["eval/distinct_correct"] for e in final], 2), second_skill(final),
-                  f"{a:.3f}", f"{b:.3f}",
-                  fmt([s for s in seconds if s is not None], 0),
-                  fmt([statistics.mean([r["time/step"] for r in run["records"] if "time/step" in r]) for run in done])]
+        law, line = stats.fit_entropy_law(entropy, accuracy), stats.fit_line(entropy, accuracy)
+        batches = stats.fit_entropy_law(*batch_points(runs))
+        first = [run["probe"][0] for run in runs if run["probe"]]
+        last = [run["probe"][-1] for run in runs if run["probe"]]
+        lines.append(f"| {row} | {len(entropy)} | {fmt([p[1] for p in first])} → {fmt([p[1] for p in last])} | "
+                     f"{fmt([p[2] for p in first])} → {fmt([p[2] for p in last])} | {-law.slope:.3f}, "
+                     f"{law.intercept:.3f}, {law.r2:.2f} | {line.slope:.3f}, {line.r2:.2f} | "
+                     f"{-batches.slope:.3f}, {batches.r2:.2f} |")
+    return "\n".join(lines)
+
+
+# -- tables ----------------------------------------------------------------------------------------------------------
+
+
+def results_table(groups: dict[str, list[dict]], suite: dict, k: int) -> str:
+    ks = sorted({min(4, k), k} - {1})
+    header = ["row", "what", "seeds", "greedy acc", "mean@n (pass@1)", *[f"pass@{j}" for j in ks],
+              "distinct correct", "second skill mean@n", "probe entropy", "s / step"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row, runs in groups.items():
+        what = suite["rows"].get(row, {}).get("what", "") if not row.startswith("base") else \
+            f"base model, temperature {row.split('_T')[1]} (evaluation only)"
+        cells = [row, what, str(len(runs))] + [fmt(values(runs, key)) for key in (
+            "eval/greedy_acc", "eval/mean@n", *[f"eval/pass@{j}" for j in ks])]
+        cells += [fmt(values(runs, "eval/distinct_correct"), 2), fmt(values(runs, "eval/second_skill/mean@n")),
+                  fmt(values(runs, "probe/entropy")), fmt([r["step_seconds"] for r in runs if r["step_seconds"]], 2)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot_all(groups: dict[str, list[dict]], dest: Path) -> list[tuple[str, str]]:
+def comparison_table(groups: dict[str, list[dict]], suite: dict, k: int) -> str:
+    metrics = [("eval/mean@n", "mean@n"), (f"eval/pass@{k}", f"pass@{k}"), ("probe/entropy", "probe entropy"),
+               ("eval/second_skill/mean@n", "second skill mean@n")]
+    lines = ["| row | against | " + " | ".join(name for _, name in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for row, spec in suite["rows"].items():
+        for against in dict.fromkeys(x for x in (spec.get("control"), spec.get("vs")) if x):
+            if row not in groups or against not in groups:
+                continue
+            cells = []
+            for key, _ in metrics:
+                a, b = values(groups[row], key), values(groups[against], key)
+                cells.append(compare(a, b).text() if a and b else "–")
+            lines.append(f"| {row} | {against} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def claims_table(groups: dict[str, list[dict]], suite: dict, k: int) -> str:
+    lines = ["| paper | claim | measured (a − b, 95% CI, p) | verdict |", "|---|---|---|---|"]
+    for claim in suite.get("claims", []):
+        if claim.get("untestable"):
+            lines.append(f"| {claim['paper']} | {claim['claim']} | – | not testable here: {claim['untestable']} |")
+            continue
+        key = claim["metric"].replace("@k", f"@{k}")
+        a_runs, b_runs = groups.get(claim["a"], []), groups.get(claim["b"], [])
+        if claim.get("b") == "step0":  # a change within a row: its first probe against its last
+            index = 1 if key == "probe/entropy" else 2
+            a = {run["seed"]: run["probe"][-1][index] for run in a_runs if run["probe"]}
+            b = {run["seed"]: run["probe"][0][index] for run in a_runs if run["probe"]}
+        else:
+            a, b = values(a_runs, key), values(b_runs, key)
+        if not a or not b:
+            lines.append(f"| {claim['paper']} | {claim['claim']} | (rows not run) | – |")
+            continue
+        c = compare(a, b)
+        what = f"{claim['a']} − {claim['b']}, {key}: {c.text()}"
+        lines.append(f"| {claim['paper']} | {claim['claim']} | {what} | {verdict(c, claim['direction'])} |")
+    return "\n".join(lines)
+
+
+def frontier_table(groups: dict[str, list[dict]], suite: dict, k: int) -> str:
+    points = frontier_points(groups, suite, k)
+    lines = [f"| row | pass@1 | pass@{k} | frontier's pass@{k} at that pass@1 | margin (95% CI, p) | above? |",
+             "|---|---|---|---|---|---|"]
+    for row, spec in suite["rows"].items():
+        if spec.get("frontier") or row not in groups:
+            continue
+        runs = groups[row]
+        at = statistics.mean(envelope(points, final(r)["eval/pass@1"]) for r in runs)
+        c = above_frontier(runs, points, k)
+        above = "yes" if c.p < 0.05 and c.diff > 0 else "below" if c.p < 0.05 else "no difference measured"
+        if math.isnan(at):
+            above = "beyond the frontier's pass@1 range"
+        lines.append(f"| {row} | {fmt(values(runs, 'eval/pass@1'))} | {fmt(values(runs, f'eval/pass@{k}'))} | "
+                     f"{at:.3f} | {c.text()} | {above} |")
+    return "\n".join(lines)
+
+
+# -- plots -----------------------------------------------------------------------------------------------------------
+
+
+def plot_all(groups: dict[str, list[dict]], suite: dict, k: int, dest: Path) -> list[tuple[str, str]]:
     """Writes the PNGs; returns (title, file name) pairs in order."""
     import matplotlib
 
@@ -149,88 +261,154 @@ def plot_all(groups: dict[str, list[dict]], dest: Path) -> list[tuple[str, str]]
     import matplotlib.pyplot as plt
 
     made = []
+    trained = {row: runs for row, runs in groups.items() if not row.startswith("base")}
+    base = next((runs[0] for row, runs in groups.items() if row == "base_T1.0"), None)
+    colors = {row: plt.cm.tab20(i % 20) for i, row in enumerate(groups)}
 
-    def finish(fig, ax, xlabel: str, ylabel: str, title: str, file_name: str, legend_size: int = 8):
+    def finish(fig, ax, xlabel: str, ylabel: str, title: str, file_name: str):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=legend_size)
+            ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         fig.savefig(dest / file_name, dpi=110)
         plt.close(fig)
         made.append((title, file_name))
 
-    def curve(key: str, title: str, file_name: str, from_evals: bool = False, smooth: int = 10):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for algo, runs in groups.items():
+    def band(ax, row, series: list[dict[int, float]], label: str):
+        """mean over seeds with a ±1 std band, at the steps every seed has"""
+        steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
+        if not steps:
+            return
+        mean = [statistics.mean(s[t] for s in series) for t in steps]
+        std = [statistics.stdev(s[t] for s in series) if len(series) > 1 else 0.0 for t in steps]
+        ax.plot(steps, mean, label=label, color=colors[row], marker="o" if len(steps) < 12 else None, ms=3)
+        ax.fill_between(steps, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                        color=colors[row], alpha=0.15)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, runs in trained.items():
+        band(ax, row, [{r["step"]: r["eval/mean@n"] for r in run["evals"]} for run in runs], row)
+    if base:
+        ax.axhline(final(base)["eval/mean@n"], color="k", ls="--", lw=1, label="base (T 1.0)")
+    finish(fig, ax, "step", "test mean@n (pass@1)", "test accuracy vs step (mean ± std over seeds)", "accuracy.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, runs in trained.items():
+        if all(run["probe"] for run in runs):
+            band(ax, row, [{p[0]: p[1] for p in run["probe"]} for run in runs], row)
+    finish(fig, ax, "step", "token entropy on the probe prompts", "entropy vs step (fixed probe set; mean ± std)",
+           "entropy.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, runs in trained.items():
+        if suite["rows"].get(row, {}).get("script", row) in COV_SCRIPTS:
             series = []
             for run in runs:
-                rows = evals(run) if from_evals else [r for r in run["records"] if key in r]
-                series.append({r["step"]: r[key] for r in rows if key in r})
-            steps = sorted(set.intersection(*(set(s) for s in series))) if series else []
-            if not steps:
+                points = run["train"].get("losses/cov", [])
+                smooth = [statistics.mean(v for _, v in points[max(0, i - 9):i + 1]) for i in range(len(points))]
+                series.append({step: value for (step, _), value in zip(points, smooth)})
+            band(ax, row, series, row)
+    finish(fig, ax, "step", "cov(log p, A), 10-step mean", "covariance vs step (rows with GRPO's advantage only)",
+           "cov.png")
+
+    if base:  # pass@k against k as the difference from the base, where the claims live
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        ks = [2**i for i in range(int(math.log2(k)) + 1)
+              if all(f"eval/pass@{2**i}" in final(run) for runs in groups.values() for run in runs)]
+        ax.axhline(0, color="k", ls="--", lw=1, label="base (T 1.0)")
+        for row, runs in groups.items():
+            if row == "base_T1.0":
                 continue
-            means = [statistics.mean(s[step] for s in series) for step in steps]
-            if not from_evals and smooth > 1:
-                means = [statistics.mean(means[max(0, i - smooth + 1): i + 1]) for i in range(len(means))]
-            ax.plot(steps, means, label=algo, marker="o" if from_evals else None)
-        finish(fig, ax, "step", key, title, file_name)
+            diffs = [[final(run)[f"eval/pass@{j}"] - final(base)[f"eval/pass@{j}"] for j in ks] for run in runs]
+            mean = [statistics.mean(d[i] for d in diffs) for i in range(len(ks))]
+            std = [statistics.stdev(d[i] for d in diffs) if len(diffs) > 1 else 0.0 for i in range(len(ks))]
+            ax.errorbar(ks, mean, yerr=std, label=row, color=colors[row], capsize=2, lw=1,
+                        ls=":" if row.startswith("base") else "-")
+        ax.set_xscale("log", base=2)
+        finish(fig, ax, "k", "pass@k minus the base's (T 1.0)", f"pass@k vs k up to k = {k}, relative to the base",
+               "pass_at_k.png")
 
-    curve("eval/mean@n", "test accuracy (mean@n) vs step", "accuracy.png", from_evals=True)
-    curve("losses/entropy", "token entropy vs step (10-step moving mean)", "entropy.png")
-    curve("losses/cov", "covariance(logp, A) vs step (10-step moving mean)", "cov.png")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    points = frontier_points(groups, suite, k)
+    if points:
+        xs = sorted({p[0] for p in points})
+        grid = [xs[0] + i * (xs[-1] - xs[0]) / 100 for i in range(101)]
+        ax.plot(grid, [envelope(points, x) for x in grid], color="0.6", lw=4, alpha=0.5, label="frontier")
+    for row, runs in groups.items():
+        style = dict(marker="s", ms=4) if row.startswith("base") or suite["rows"].get(row, {}).get("frontier") else \
+            dict(marker="o", ms=6)
+        xs, ys = [final(r)["eval/pass@1"] for r in runs], [final(r).get(f"eval/pass@{k}", math.nan) for r in runs]
+        ax.errorbar([statistics.mean(xs)], [statistics.mean(ys)], xerr=[statistics.stdev(xs) if len(xs) > 1 else 0],
+                    yerr=[statistics.stdev(ys) if len(ys) > 1 else 0], label=row, color=colors[row], capsize=2,
+                    **style)
+    finish(fig, ax, "pass@1 (test)", f"pass@{k} (test)", f"diversity frontier: pass@1 vs pass@{k} (mean ± std)",
+           "frontier.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    first = True
-    for algo, runs in groups.items():
-        done = [run for run in runs if finished(run)]
-        if not done:
-            continue
-        if first:
-            base = pass_at_k_curve(done, 0)
-            ax.plot(list(base), [m for m, _ in base.values()], "k--", label="base model")
-            first = False
-        final = pass_at_k_curve(done, -1)
-        ax.errorbar(list(final), [m for m, _ in final.values()], yerr=[s for _, s in final.values()], label=algo, capsize=2)
-    ax.set_xscale("log", base=2)
-    finish(fig, ax, "k", "pass@k (test)", "pass@k vs k after training", "pass_at_k.png")
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for algo, runs in groups.items():
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row, runs in trained.items():
         entropy, accuracy = law_points(runs)
-        if len(entropy) < 2:
+        if len(entropy) < 3:
             continue
-        a, b = fit_entropy_law(entropy, accuracy)
-        dots = ax.scatter(entropy, accuracy, s=3, alpha=0.25)
+        law, line = stats.fit_entropy_law(entropy, accuracy), stats.fit_line(entropy, accuracy)
+        ax.scatter(entropy, accuracy, s=4, alpha=0.4, color=colors[row])
         grid = [min(entropy) + i * (max(entropy) - min(entropy)) / 50 for i in range(51)]
-        ax.plot(grid, [-a * math.exp(h) + b for h in grid], color=dots.get_facecolor()[0][:3],
-                label=f"{algo}: R = -{a:.2f} e^H + {b:.2f}")
-    finish(fig, ax, "token entropy H", "training accuracy R", "accuracy vs entropy with the fitted law R = -a exp(H) + b",
-           "accuracy_vs_entropy.png", legend_size=7)
+        ax.plot(grid, [law.slope * math.exp(h) + law.intercept for h in grid], color=colors[row],
+                label=f"{row}: exp R² {law.r2:.2f}, linear R² {line.r2:.2f}")
+    finish(fig, ax, "token entropy H (probe)", "accuracy R (probe)", "R = −a·exp(H) + b on the probe set, per row",
+           "law.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = [row for row in groups if values(groups[row], "eval/second_skill/mean@n")]
+    for i, row in enumerate(names):
+        v = list(values(groups[row], "eval/second_skill/mean@n").values())
+        ax.bar(i, statistics.mean(v), yerr=statistics.stdev(v) if len(v) > 1 else 0, color=colors[row], capsize=2)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    values_all = [v for row in names for v in values(groups[row], "eval/second_skill/mean@n").values()]
+    if values_all:
+        ax.set_ylim(min(values_all) - 0.05, max(values_all) + 0.03)
+    finish(fig, ax, "", "second skill mean@n (never trained)", "forgetting: the untrained skill after training",
+           "forgetting.png")
     return made
 
 
-def write_report(runs_root: Path, dest: Path, suite: str, failed: list[str], order: list[str] = ()) -> Path:
-    groups = load_runs(runs_root)
+def write_report(dest: Path, suite: dict, failed: list[str] = ()) -> Path:
+    groups = load_results(dest / "runs")
     if not groups:
-        raise SystemExit(f"error: no runs with metrics under {runs_root}")
-    groups = {a: groups[a] for a in [*[a for a in order if a in groups], *sorted(set(groups) - set(order))]}
-    shown_root = os.path.relpath(runs_root.resolve(), Path(__file__).resolve().parents[1])
-    dest.mkdir(parents=True, exist_ok=True)
-    timings_file = runs_root / "timings.json"
-    timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
-    plots = plot_all(groups, dest)
-    any_config = next(iter(groups.values()))[0]["config"]
-    lines = [f"# Benchmark results: {suite}", "",
-             f"Generated by `benchmarks/report.py` from `{shown_root}` (runs made by `benchmarks/run.py --suite {suite}`).",
-             f"Model `{any_config['model_name']}`, task `{any_config['task']}`, {any_config['num_steps']} steps. "
-             "Mean ± std over seeds; test metrics on the final step (n samples per prompt at temperature "
-             f"{any_config['temperature']}); final entropy = mean of the last 10 steps; law a, b = least-squares fit of "
-             "training accuracy R = -a exp(H) + b over every step.", "", summary_table(groups, timings), ""]
+        raise SystemExit(f"error: no results files in {dest / 'runs'}")
+    order = [r for r in groups if r.startswith("base")] + [r for r in suite["rows"] if r in groups]
+    groups = {row: groups[row] for row in order + sorted(set(groups) - set(order))}
+    k = top_k([run for runs in groups.values() for run in runs])
+    plots = plot_all(groups, suite, k, dest)
+    seconds = sum(run["wall_seconds"] for runs in groups.values() for run in runs)
+    any_run = next(run for runs in groups.values() for run in runs if not run["row"].startswith("base"))
+    config = any_run["config"]
+    lines = [f"# Benchmark results: {suite['name']}", "",
+             f"Generated by `python benchmarks/report.py --suite {suite['name']}` from the per-run files in "
+             f"[`runs/`](runs/) (made by `python benchmarks/run.py --suite {suite['name']}`; each file holds its "
+             "exact command). "
+             f"Model `{config['model_name']}`, task `{config['task']}`, {config['num_steps']} steps, test split, "
+             f"sampling temperature {config['temperature']}; mean ± std over seeds; the final evaluation draws "
+             f"n = {config['final_eval_samples']} samples per prompt and pass@k is shown up to k = n/4 = {k}. "
+             f"{sum(map(len, groups.values()))} runs, {seconds / 3600:.1f} h of run time in all.", "",
+             "## Results", "", results_table(groups, suite, k), ""]
     if failed:
-        lines += [f"Failed runs (not in the table): {', '.join(failed)}.", ""]
+        lines += [f"Failed runs (not in the tables): {', '.join(failed)}.", ""]
+    lines += ["## Each method against GRPO and against its matched control", "",
+              "a − b over the shared seeds: mean difference [95% CI], p of a paired t-test (against the base, "
+              "evaluated once, a one-sample t-test). p ≥ 0.05: no difference measured.", "",
+              comparison_table(groups, suite, k), "",
+              "## Claims", "", claims_table(groups, suite, k), "",
+              f"## The diversity frontier (pass@1 against pass@{k})", "",
+              "The frontier is the upper envelope of the base model across sampling temperatures and GRPO along its "
+              "learning-rate sweep (rows marked frontier). A method has a diversity effect only above it: per seed, "
+              f"its pass@{k} minus the frontier's at its own pass@1; one-sample t-test over seeds.", "",
+              frontier_table(groups, suite, k), "",
+              "## The entropy-performance law on the probe set", "",
+              "Probe entropy and accuracy (fixed training prompts, fixed sampling seed) at every probe step of every "
+              "run of a row, fitted with the law and with a straight line.", "", law_table(groups), ""]
     lines += [f"## {title}\n\n![{title}]({file_name})\n" for title, file_name in plots]
     discussion = dest / "discussion.md"
     if discussion.exists():
@@ -241,4 +419,6 @@ def write_report(runs_root: Path, dest: Path, suite: str, failed: list[str], ord
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    print(f"report written to {write_report(Path(args.runs), Path(args.dest), args.suite, args.failed, args.algos)}")
+    suite = load_suite(args.suite)
+    dest = Path(args.dest or Path(__file__).resolve().parent / "results" / suite["name"])
+    print(f"report written to {write_report(dest, suite, args.failed)}")

@@ -7,13 +7,30 @@ Each run folder is what an algorithm script writes: `config.json` and `metrics.j
 """
 
 import argparse
+import json
 import statistics
 from pathlib import Path
 
-from report import evals, read_run  # the same folder: one reader of run folders for both scripts
-
 COLUMNS = ["eval/greedy_acc", "eval/mean@n", "eval/pass@8", "eval/pass@64", "eval/distinct_correct",
            "eval/second_skill/mean@n"]
+
+
+def read_run(run_dir: Path) -> dict:
+    """One run folder as {"config": dict, "records": [dict, ...]} (the lines of metrics.jsonl)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {"config": json.loads((run_dir / "config.json").read_text()), "records": records}
+
+
+def evals(run: dict) -> list[dict]:
+    """Evaluation records, each `eval/[subset/]mean@<n>` also under `eval/[subset/]mean@n`."""
+    out = []
+    for record in run["records"]:
+        if "eval/greedy_acc" in record:
+            record = dict(record)
+            record.update({k.split("mean@")[0] + "mean@n": v for k, v in record.items()
+                           if "/mean@" in k and k.split("mean@")[1].isdigit()})
+            out.append(record)
+    return out
 
 
 def load_run(run_dir: Path) -> dict:

@@ -199,7 +199,7 @@ BAD_FLAGS = [  # (script, field, value): checked in-process by common.check_flag
     ("grpo", "eval_samples", -1), ("grpo", "final_eval_samples", -1), ("grpo", "num_epochs", 0),
     ("grpo", "num_mini_batches", 0), ("grpo", "top_k", -1), ("grpo", "max_new_tokens", 0),
     ("grpo", "learning_rate", NAN), ("grpo", "learning_rate", INF), ("grpo", "learning_rate", -1e-4),
-    ("grpo", "learning_rate", 0.0), ("grpo", "learning_rate", 1e39), ("grpo", "temperature", INF),
+    ("grpo", "learning_rate", 1e39), ("grpo", "probe_every", -1), ("grpo", "probe_prompts", 0), ("grpo", "temperature", INF),
     ("grpo", "temperature", 0.0), ("grpo", "temperature", 1e6), ("grpo", "top_p", 0.0), ("grpo", "top_p", 1.5),
     ("grpo", "top_p", NAN),
     ("grpo", "beta", -1.0), ("grpo", "beta", NAN), ("grpo", "clip_eps_low", 2.0), ("grpo", "clip_eps_low", -0.1),
@@ -226,7 +226,7 @@ UNCHECKED_FLAGS = {
     "torch_deterministic", "cuda", "track", "wandb_project_name", "wandb_entity", "save_model", "save_dtype", "resume",
     "model_name", "task", "dataset", "eval_split", "bf16", "gradient_checkpointing", "rollout", "fsdp", "scale_rewards",
     "loss_agg", "prm_update", "prm_ref", "filter_truncated", "method", "reward_type", "reward_norm", "divergence",
-    "std_norm",
+    "std_norm", "eval_base",
 }
 
 
@@ -247,7 +247,8 @@ def test_default_flags_and_range_edges_pass(name, args_classes):
     common.check_flags(args_classes[name]())
     edges = {"eval_every": 0, "checkpoint_every": 0, "log_completions_every": 0, "eval_samples": 0, "top_k": 0,
              "top_p": 1.0, "temperature": 100.0, "seed": 2**32 - 1, "beta": 0.0, "clip_eps_low": 1.0,
-             "micro_batch_tokens": 0, "max_new_tokens": 1, "gamma": 0.0, "prm_learning_rate": 0.0, "eta": 0.0}
+             "micro_batch_tokens": 0, "max_new_tokens": 1, "gamma": 0.0, "prm_learning_rate": 0.0, "eta": 0.0,
+             "learning_rate": 0.0, "probe_every": 0}
     args = args_classes[name]()
     common.check_flags(dataclasses.replace(args, **{k: v for k, v in edges.items() if hasattr(args, k)}))
 

@@ -20,95 +20,182 @@ def load(name):
 run, report = load("run"), load("report")
 
 SUITE = {"name": "toy", "shared": {"flags": ["--num-steps", "200"]}, "quick": {"flags": ["--num-steps", "10"]},
-         "algorithms": {"grpo": {"flags": ["--group-size", "8"]}, "rover": {"flags": [], "quick_flags": ["--x", "1"]}}}
+         "base": {"temperatures": [0.5, 1.0], "flags": ["--samples", "128"], "quick_flags": ["--samples", "8"]},
+         "rows": {"grpo": {"flags": ["--group-size", "8"]},
+                  "grpo_4mb": {"script": "grpo", "flags": ["--num-mini-batches", "4"], "quick_flags": ["--x", "1"]}}}
 
 
-def test_commands_shared_then_algorithm_then_seed():
-    commands = run.build_commands(SUITE, ["grpo", "rover"], 2, Path("/out"), quick=False)
-    assert [(a, s) for a, s, _ in commands] == [("grpo", 1), ("grpo", 2), ("rover", 1), ("rover", 2)]
-    assert commands[1][2] == ["python", "algorithms/grpo.py", "--num-steps", "200", "--group-size", "8", "--seed", "2",
-                              "--exp-name", "grpo", "--output-dir", "/out/grpo"]
+def test_jobs_base_first_then_shared_row_and_seed_flags():
+    jobs = run.build_jobs(SUITE, ["grpo", "grpo_4mb"], 2, Path("/out"), quick=False)
+    assert [(j.row, j.seed) for j in jobs] == [("base_T0.5", 1), ("base_T1.0", 1), ("grpo", 1), ("grpo", 2),
+                                               ("grpo_4mb", 1), ("grpo_4mb", 2)]
+    assert jobs[0].argv == ["python", "benchmarks/evaluate.py", "--samples", "128", "--temperature", "0.5",
+                            "--exp-name", "base_T0.5", "--output-dir", "/out/base"]
+    assert jobs[0].folder == Path("/out/base/base_T0.5")
+    assert jobs[5].argv == ["python", "algorithms/grpo.py", "--num-steps", "200", "--num-mini-batches", "4", "--seed",
+                            "2", "--exp-name", "grpo_4mb", "--output-dir", "/out/grpo_4mb/seed2"]  # a row's script
 
 
 def test_quick_runs_one_seed_and_overrides_come_last():
-    commands = run.build_commands(SUITE, ["rover"], 3, Path("/out"), quick=True)
-    assert len(commands) == 1
-    argv = commands[0][2]
-    assert argv[2:8] == ["--num-steps", "200", "--num-steps", "10", "--x", "1"]  # tyro keeps the last value
+    jobs = run.build_jobs(SUITE, ["grpo_4mb"], 3, Path("/out"), quick=True)
+    assert [j.row for j in jobs] == ["base_T0.5", "base_T1.0", "grpo_4mb"]
+    assert jobs[0].argv[2:6] == ["--samples", "128", "--samples", "8"]
+    assert jobs[2].argv[2:10] == ["--num-steps", "200", "--num-mini-batches", "4", "--num-steps", "10", "--x", "1"]
 
 
-def test_unknown_algorithm_or_suite_is_a_clear_error():
+def test_base_evaluation_is_reused_only_for_the_same_command(tmp_path):
+    job = run.build_jobs(SUITE, [], 1, tmp_path / "out", quick=False)[0]
+    (tmp_path / "runs").mkdir()
+    assert not run.cached_result(tmp_path, job)
+    (tmp_path / "runs" / f"{job.name}.json").write_text(json.dumps({"command": job.command}))
+    assert run.cached_result(tmp_path, job)
+    assert "--output-dir" not in job.command  # another machine's folder does not matter
+    other = run.build_jobs(SUITE, [], 1, tmp_path / "out", quick=True)[0]  # fewer samples: not the same evaluation
+    assert other.name == job.name and not run.cached_result(tmp_path, other)
+
+
+def test_unknown_row_suite_or_control_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="nope not in suite"):
-        run.build_commands(SUITE, ["nope"], 1, Path("/out"), quick=False)
+        run.build_jobs(SUITE, ["nope"], 1, Path("/out"), quick=False)
     with pytest.raises(SystemExit, match="unknown suite"):
         run.load_suite("no-such-suite")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[shared]\nflags = []\n[rows.a]\ncontrol = "b"\n')
+    with pytest.raises(SystemExit, match="row a's control 'b' is not a row"):
+        run.load_suite(str(bad))
 
 
-def test_embedded_suite_gives_every_algorithm_the_same_sample_budget():
-    suite = run.load_suite("countdown")
-    for algo, entry in suite["algorithms"].items():
-        assert (REPO_ROOT / "algorithms" / f"{algo}.py").exists()
-        flags = suite["shared"]["flags"] + entry.get("flags", [])
+@pytest.mark.parametrize("name", ["countdown", "countdown-long"])
+def test_committed_suites_are_consistent(name):
+    """Every row runs a script that exists with 128 sampled responses per step; every control, `vs` and claim names a
+    row (or a base temperature) of the suite; every method row has a matched control."""
+    suite = run.load_suite(name)
+    temperatures = {f"base_T{t}" for t in suite.get("base", {}).get("temperatures", [])}
+    for row, spec in suite["rows"].items():
+        assert (REPO_ROOT / "algorithms" / f"{spec.get('script', row)}.py").exists(), row
+        flags = suite["shared"]["flags"] + spec.get("flags", [])
         value = {flag: flags[i + 1] for i, flag in enumerate(flags) if flag.startswith("--") and i + 1 < len(flags)}
-        assert int(value["--prompts-per-step"]) * int(value["--group-size"]) == 128, algo
+        assert int(value["--prompts-per-step"]) * int(value["--group-size"]) == 128, row
+        assert spec.get("what"), row
+        for key in ("control", "vs"):
+            assert spec.get(key, "grpo") in set(suite["rows"]) | temperatures, (row, key)
+    for claim in suite.get("claims", []):
+        assert claim.get("untestable") or ({claim["a"], claim["b"]} <= set(suite["rows"]) | temperatures | {"step0"})
+
+
+def test_student_t_matches_tabulated_critical_values():
+    stats = load("stats")
+    for t, df in [(12.706, 1), (4.303, 2), (3.182, 3), (2.776, 4), (2.228, 10), (1.960, 1e6)]:
+        assert stats.t_two_sided_p(t, df) == pytest.approx(0.05, abs=2e-4), df
+        assert stats.t_quantile(0.975, df) == pytest.approx(t, abs=2e-3), df
+    assert stats.t_two_sided_p(0.0, 3) == pytest.approx(1.0)
+    assert stats.t_two_sided_p(1.0, 2) == pytest.approx(0.42265, abs=1e-5)  # 1 - 1/sqrt(3)
+
+
+def test_paired_and_welch_tests_by_hand():
+    stats = load("stats")
+    c = stats.paired({1: 0.30, 2: 0.32, 3: 0.35}, {1: 0.28, 2: 0.31, 3: 0.30})
+    # differences 0.02, 0.01, 0.05: mean 0.02667, sd 0.02082, t = 2.2188 on 2 df
+    assert c.diff == pytest.approx(0.026667, abs=1e-6) and c.p == pytest.approx(0.15673, abs=1e-4)
+    assert c.high - c.diff == pytest.approx(4.3027 * 0.020817 / math.sqrt(3), rel=1e-3)
+    w = stats.welch([0.30, 0.32, 0.35], [0.28, 0.31, 0.30])
+    assert w.p == pytest.approx(0.20653, abs=1e-4)  # t 1.569 on 3.30 Welch-Satterthwaite df
+    assert math.isnan(stats.paired({1: 0.3}, {1: 0.2}).p)  # one seed: no test, said so
+    assert "no test" in stats.paired({1: 0.3}, {1: 0.2}).text()
+
+
+def test_line_and_law_fits_report_r2():
+    stats = load("stats")
+    entropy = [0.1 * i for i in range(1, 12)]
+    law = stats.fit_entropy_law(entropy, [-0.5 * math.exp(h) + 1.2 for h in entropy])
+    assert -law.slope == pytest.approx(0.5) and law.intercept == pytest.approx(1.2) and law.r2 == pytest.approx(1.0)
+    noisy = stats.fit_line([0, 1, 2, 3], [0, 1, 0, 1])
+    assert noisy.r2 == pytest.approx(0.2)  # slope 0.2: residual 0.8 of a total 1.0
+
+
+def test_frontier_envelope_drops_dominated_points_and_interpolates():
+    points = [(0.3, 0.9), (0.4, 0.8), (0.35, 0.7), (0.5, 0.6)]  # (0.35, 0.7) is dominated by (0.4, 0.8)
+    assert report.envelope(points, 0.4) == pytest.approx(0.8)
+    assert report.envelope(points, 0.45) == pytest.approx(0.7)
+    assert report.envelope(points, 0.2) == pytest.approx(0.9)  # below the lowest pass@1: its best pass@k
+    assert math.isnan(report.envelope(points, 0.6))  # beyond the frontier: no claim either way
+
+
+def write_result(folder, row, seed, mean, pass8, entropy, second=0.7, probe=True):
+    """A hand-made results file as benchmarks/run.py writes it: evaluations at steps 100 and 200 (n = 32)."""
+    record = {"step": 200, "eval/greedy_acc": mean, "eval/mean@32": mean, "eval/pass@1": mean,
+              "eval/pass@4": (mean + pass8) / 2, "eval/pass@8": pass8, "eval/distinct_correct": 1.5,
+              "eval/second_skill/mean@32": second}
+    evals = [{**record, "step": 100, "eval/mean@32": mean - 0.01}, record] if not row.startswith("base") else \
+        [{**record, "step": 0}]
+    probes = [[step, entropy + 0.1 * (200 - step) / 200, mean - 0.05 * (200 - step) / 200] for step in (0, 100, 200)]
+    run = {"row": row, "seed": seed, "command": "python ...", "config": {"model_name": "m", "task": "countdown",
+           "num_steps": 200, "temperature": 1.0, "final_eval_samples": 32}, "evals": evals,
+           "probe": probes if probe and not row.startswith("base") else [], "wall_seconds": 100.0,
+           "step_seconds": 0.5, "train": {"losses/cov": [[1, 0.1], [2, 0.2]]}}
+    (folder / f"{row}__{seed}.json").write_text(json.dumps(run))
+
+
+REPORT_SUITE = {
+    "name": "toy", "shared": {"flags": []},
+    "rows": {"grpo": {"what": "GRPO", "frontier": True},
+             "grpo_hi": {"script": "grpo", "what": "GRPO, lr x3", "frontier": True},
+             "method": {"script": "clip_cov", "what": "a method", "control": "grpo"},
+             "noise": {"script": "kl_cov", "what": "no effect", "control": "grpo"}},
+    "claims": [{"paper": "P", "claim": "method raises accuracy", "a": "method", "b": "grpo", "metric": "eval/mean@n",
+                "direction": "higher"},
+               {"paper": "Q", "claim": "noise raises accuracy", "a": "noise", "b": "grpo", "metric": "eval/mean@n",
+                "direction": "higher"},
+               {"paper": "R", "claim": "grpo's entropy falls", "a": "grpo", "b": "step0", "metric": "probe/entropy",
+                "direction": "lower"},
+               {"paper": "S", "claim": "needs a GPU", "untestable": "a 7B model"}]}
+
+
+def test_report_tables_tests_claims_and_plots(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    write_result(runs, "base_T1.0", 1, 0.30, 0.70, 0.0)
+    write_result(runs, "base_T0.5", 1, 0.36, 0.60, 0.0)
+    for seed, jitter in ((1, 0.0), (2, 0.004), (3, -0.003)):
+        write_result(runs, "grpo", seed, 0.40 + jitter, 0.62 + jitter, 0.30 + jitter)
+        write_result(runs, "grpo_hi", seed, 0.48 + jitter, 0.55, 0.25)
+        write_result(runs, "method", seed, 0.45 + jitter * 1.5, 0.75 + jitter, 0.40)  # +0.05, far above the frontier
+        write_result(runs, "noise", seed, 0.40 - jitter, 0.62, 0.30)  # the same as grpo within noise
+    (tmp_path / "discussion.md").write_text("Hand-written reading of the figures.")
+    readme = report.write_report(tmp_path, REPORT_SUITE, ["noise__4"]).read_text()
+    assert "| grpo | GRPO | 3 | 0.400 ± 0.004 |" in readme  # mean ± sample std over seeds
+    assert "| base_T0.5 | base model, temperature 0.5 (evaluation only) | 1 | 0.360 |" in readme
+    claims = {line.split(" | ")[1]: line for line in readme.splitlines() if line.startswith("| P |")
+              or line.startswith("| Q |") or line.startswith("| R |") or line.startswith("| S |")}
+    assert claims["method raises accuracy"].endswith("| reproduced |")
+    assert claims["noise raises accuracy"].endswith("| no difference measured |")
+    assert claims["grpo's entropy falls"].endswith("| reproduced |")  # probe entropy 0.4 -> 0.3 in every seed
+    assert claims["needs a GPU"].endswith("not testable here: a 7B model |")
+    method_frontier = next(line for line in readme.splitlines() if line.startswith("| method | 0.45"))
+    assert method_frontier.endswith("| yes |")  # pass@8 0.75 where the frontier gives ~0.57
+    noise_frontier = next(line for line in readme.splitlines() if line.startswith("| noise | 0.400"))
+    assert noise_frontier.endswith("| no difference measured |")  # on GRPO's own frontier point
+    assert "Failed runs (not in the tables): noise__4." in readme and "Hand-written reading" in readme
+    for png in ("accuracy.png", "entropy.png", "cov.png", "pass_at_k.png", "frontier.png", "law.png",
+                "forgetting.png"):
+        assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in readme, png
 
 
 @pytest.mark.slow
-def test_quick_dry_run_prints_every_command():
-    result = run_python(["benchmarks/run.py", "--quick", "--dry-run"])
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.strip().splitlines()
-    assert len(lines) == len(run.load_suite("countdown")["algorithms"])
-    assert all(line.startswith("python algorithms/") and "--num-steps 10" in line for line in lines)
-
-
-def write_run(root, algo, seed, greedy, entropy_acc, pass_at):
-    """A hand-made run folder: base eval at step 0, two training steps, final eval at step 2."""
-    run_dir = root / algo / f"countdown__{algo}__{seed}"
-    run_dir.mkdir(parents=True)
-    (run_dir / "config.json").write_text(json.dumps({"seed": seed, "num_steps": 2, "model_name": "m", "task": "t",
-                                                     "temperature": 1.0}))
-    base = {"step": 0, "eval/greedy_acc": 0.3, "eval/mean@4": 0.25, "eval/distinct_correct": 1.0,
-            **{f"eval/pass@{k}": 0.2 * k for k in (1, 2, 4)}}
-    steps = [{"step": i + 1, "losses/entropy": h, "charts/accuracy": r, "time/step": 0.5}
-             for i, (h, r) in enumerate(entropy_acc)]
-    final = {**steps[-1], "eval/greedy_acc": greedy, "eval/mean@4": greedy, "eval/distinct_correct": 2.0,
-             **{f"eval/pass@{k}": p for k, p in pass_at.items()}}
-    (run_dir / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in [base, steps[0], final]) + "\n")
-
-
-def test_report_aggregates_mean_and_std_over_seeds(tmp_path):
-    write_run(tmp_path, "grpo", 1, 0.4, [(0.5, 0.3), (0.4, 0.4)], {1: 0.4, 2: 0.5, 4: 0.6})
-    write_run(tmp_path, "grpo", 2, 0.6, [(0.5, 0.3), (0.4, 0.4)], {1: 0.6, 2: 0.7, 4: 0.8})
-    groups = report.load_runs(tmp_path)
-    table = report.summary_table(groups, {"grpo": {"1": 10.0, "2": 20.0}})
-    grpo_row = next(line for line in table.splitlines() if line.startswith("| grpo"))
-    # greedy: mean(0.4, 0.6) = 0.5, sample std sqrt(((0.1)^2 + (0.1)^2) / 1) = 0.141; wall time 15 ± 7
-    assert "| 0.500 ± 0.141 |" in grpo_row and "| 15 ± 7 |" in grpo_row
-    assert table.splitlines()[2].startswith("| base model | 2 | 0.300 ± 0.000 |")
-    curve = report.pass_at_k_curve(groups["grpo"], -1)
-    assert list(curve) == [1, 2, 4] and curve[4][0] == pytest.approx(0.7)
-    assert report.pass_at_k_curve(groups["grpo"], 0)[2][0] == pytest.approx(0.4)
-
-
-def test_entropy_law_fit_recovers_known_parameters():
-    a, b = 0.5, 1.2
-    entropy = [0.1 * i for i in range(1, 12)]
-    reward = [-a * math.exp(h) + b for h in entropy]
-    fitted_a, fitted_b = report.fit_entropy_law(entropy, reward)
-    assert fitted_a == pytest.approx(a) and fitted_b == pytest.approx(b)
-
-
-def test_report_writes_tables_plots_and_keeps_the_discussion(tmp_path):
-    runs, dest = tmp_path / "runs", tmp_path / "out"
-    write_run(runs, "grpo", 1, 0.4, [(0.5, 0.3), (0.4, 0.4)], {1: 0.4, 2: 0.5, 4: 0.6})
-    dest.mkdir()
-    (dest / "discussion.md").write_text("Hand-written reading of the figures.")
-    readme = report.write_report(runs, dest, "toy", ["rover seed 1"]).read_text()
-    assert "| grpo | 1 |" in readme and "Failed runs (not in the table): rover seed 1." in readme
-    assert "Hand-written reading of the figures." in readme
-    for png in ("accuracy.png", "entropy.png", "cov.png", "pass_at_k.png", "accuracy_vs_entropy.png"):
-        assert (dest / png).stat().st_size > 1000 and f"({png})" in readme
+def test_quick_suite_runs_the_whole_pipeline(tmp_path):
+    """`benchmarks/run.py --quick` (every row and base temperature of the suite, a few steps) makes a results file per
+    run and a report with every table and plot."""
+    out, dest = tmp_path / "runs", tmp_path / "results"
+    result = run_python(["benchmarks/run.py", "--quick", "--out", str(out), "--dest", str(dest)])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    suite = run.load_suite("countdown")
+    expected = len(suite["rows"]) + len(suite["base"]["temperatures"])
+    assert len(list((dest / "runs").glob("*.json"))) == expected
+    assert f"[{expected}/{expected}]" in result.stdout and "remaining" in result.stdout
+    readme = (dest / "README.md").read_text()
+    for heading in ("## Results", "## Claims", "## The diversity frontier", "## The entropy-performance law"):
+        assert heading in readme
+    assert (dest / "frontier.png").is_file() and (dest / "law.png").is_file()
 
 
 @pytest.mark.slow
