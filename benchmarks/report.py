@@ -381,7 +381,7 @@ def write_report(dest: Path, suite: dict, failed: list[str] = ()) -> Path:
     order = [r for r in groups if r.startswith("base")] + [r for r in suite["rows"] if r in groups]
     groups = {row: groups[row] for row in order + sorted(set(groups) - set(order))}
     k = top_k([run for runs in groups.values() for run in runs])
-    plots = plot_all(groups, suite, k, dest)
+    plots = [] if suite.get("tuning") else plot_all(groups, suite, k, dest)
     seconds = sum(run["wall_seconds"] for runs in groups.values() for run in runs)
     any_run = next(run for runs in groups.values() for run in runs if not run["row"].startswith("base"))
     config = any_run["config"]
@@ -396,25 +396,43 @@ def write_report(dest: Path, suite: dict, failed: list[str] = ()) -> Path:
              "## Results", "", results_table(groups, suite, k), ""]
     if failed:
         lines += [f"Failed runs (not in the tables): {', '.join(failed)}.", ""]
-    lines += ["## Each method against GRPO and against its matched control", "",
-              "a − b over the shared seeds: mean difference [95% CI], p of a paired t-test (against the base, "
-              "evaluated once, a one-sample t-test). p ≥ 0.05: no difference measured.", "",
-              comparison_table(groups, suite, k), "",
-              "## Claims", "", claims_table(groups, suite, k), "",
-              f"## The diversity frontier (pass@1 against pass@{k})", "",
-              "The frontier is the upper envelope of the base model across sampling temperatures and GRPO along its "
-              "learning-rate sweep (rows marked frontier). A method has a diversity effect only above it: per seed, "
-              f"its pass@{k} minus the frontier's at its own pass@1; one-sample t-test over seeds.", "",
-              frontier_table(groups, suite, k), "",
-              "## The entropy-performance law on the probe set", "",
-              "Probe entropy and accuracy (fixed training prompts, fixed sampling seed) at every probe step of every "
-              "run of a row, fitted with the law and with a straight line.", "", law_table(groups), ""]
-    lines += [f"## {title}\n\n![{title}]({file_name})\n" for title, file_name in plots]
+    if suite.get("tuning"):  # validation runs: the table, and the choices in discussion.md
+        lines += ["Step 0 (the base, evaluated in each run before training) → the last step, val split:", "",
+                  tuning_table(groups), ""]
+    else:
+        lines += sections(groups, suite, k) + [f"## {title}\n\n![{title}]({file_name})\n" for title, file_name in plots]
     discussion = dest / "discussion.md"
     if discussion.exists():
         lines += ["## Discussion", "", discussion.read_text().strip(), ""]
     (dest / "README.md").write_text("\n".join(lines) + "\n")
     return dest / "README.md"
+
+
+def tuning_table(groups: dict[str, list[dict]]) -> str:
+    lines = ["| row | mean@n | pass@8 | second skill mean@n |", "|---|---|---|---|"]
+    for row, runs in groups.items():
+        cells = []
+        for key in ("eval/mean@n", "eval/pass@8", "eval/second_skill/mean@n"):
+            first = [run["evals"][0][key] for run in runs if key in run["evals"][0]]
+            cells.append(f"{fmt(first)} → {fmt(values(runs, key))}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def sections(groups: dict[str, list[dict]], suite: dict, k: int) -> list[str]:
+    return ["## Each method against GRPO and against its matched control", "",
+            "a − b over the shared seeds: mean difference [95% CI], p of a paired t-test (against the base, "
+            "evaluated once, a one-sample t-test). p ≥ 0.05: no difference measured.", "",
+            comparison_table(groups, suite, k), "",
+            "## Claims", "", claims_table(groups, suite, k), "",
+            f"## The diversity frontier (pass@1 against pass@{k})", "",
+            "The frontier is the upper envelope of the base model across sampling temperatures and GRPO along its "
+            "learning-rate sweep (rows marked frontier). A method has a diversity effect only above it: per seed, "
+            f"its pass@{k} minus the frontier's at its own pass@1; one-sample t-test over seeds.", "",
+            frontier_table(groups, suite, k), "",
+            "## The entropy-performance law on the probe set", "",
+            "Probe entropy and accuracy (fixed training prompts, fixed sampling seed) at every probe step of every "
+            "run of a row, fitted with the law and with a straight line.", "", law_table(groups), ""]
 
 
 if __name__ == "__main__":

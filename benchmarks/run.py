@@ -36,7 +36,7 @@ class Args:
     rows: list[str] = field(default_factory=list)
     """rows to run (default: every row of the suite)"""
     seeds: int = 0
-    """number of seeds per row, seeds 1..N (default: the suite's `seeds`, else 3)"""
+    """number of seeds per row, seeds 1..N (default: the suite's `seeds`, else 3; from the suite's `first_seed`)"""
     suite: str = "countdown"
     """suite file in benchmarks/suites/ (or a path to a .toml file)"""
     workers: int = 2
@@ -88,7 +88,7 @@ class Job:
 
 def build_jobs(suite: dict, rows: list[str], seeds: int, out: Path, quick: bool) -> list[Job]:
     """Every job of the suite: the base model at each temperature of `[base]` (evaluation only, seed 1), then every
-    row x seed. A row's argv: shared flags, the row's, then the quick overrides (suite-wide, then the row's
+    row x seed (a row's own `seeds` wins). A row's argv: shared flags, the row's, then the quick overrides (suite-wide, then the row's
     `quick_flags`), then the run's own seed and folder. Later flags win in tyro, so overrides really override."""
     unknown = [r for r in rows if r not in suite["rows"]]
     if unknown:
@@ -105,7 +105,8 @@ def build_jobs(suite: dict, rows: list[str], seeds: int, out: Path, quick: bool)
         flags = list(suite["shared"]["flags"]) + list(spec.get("flags", []))
         if quick:
             flags += list(suite.get("quick", {}).get("flags", [])) + list(spec.get("quick_flags", []))
-        for seed in range(1, (1 if quick else seeds) + 1):
+        first = suite.get("first_seed", 1)  # a tuning suite uses seeds that no reported run uses
+        for seed in range(first, first + (1 if quick else spec.get("seeds", seeds))):
             folder = out / row / f"seed{seed}"
             jobs.append(Job(row, seed, ["python", f"algorithms/{spec.get('script', row)}.py", *flags, "--seed",
                                         str(seed), "--exp-name", row, "--output-dir", str(folder)], folder))
