@@ -89,7 +89,8 @@ class Job:
 def build_jobs(suite: dict, rows: list[str], seeds: int, out: Path, quick: bool) -> list[Job]:
     """Every job of the suite: the base model at each temperature of `[base]` (evaluation only, seed 1), then every
     row x seed (a row's own `seeds` wins). A row's argv: shared flags, the row's, then the quick overrides
-    (suite-wide, then the row's `quick_flags`), then the run's own seed and folder. Later flags win in tyro, so overrides really override."""
+    (suite-wide, then the row's `quick_flags`), then the run's own seed and folder. Later flags win in tyro, so
+    overrides really override."""
     unknown = [r for r in rows if r not in suite["rows"]]
     if unknown:
         raise SystemExit(f"error: {', '.join(unknown)} not in suite {suite['name']!r} (has: {', '.join(suite['rows'])})")
