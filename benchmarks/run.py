@@ -166,12 +166,22 @@ def cached_result(dest: Path, job: Job) -> bool:
         return False
 
 
-def eta(start: float, done_seconds: list[float], remaining: int, workers: int) -> str:
+def eta(start: float, done: list[tuple[Job, float]], remaining: list[Job], workers: int) -> str:
+    """Elapsed time and the remaining time estimated from the finished jobs of the same kind (an evaluation of the
+    base or a training run; a kind with none finished yet counts as the slowest job so far)."""
     elapsed = time.time() - start
-    if not done_seconds:
+    if not done:
         return f"elapsed {elapsed / 60:.1f} min"
-    left = sum(done_seconds) / len(done_seconds) * remaining / max(1, workers)
-    return f"elapsed {elapsed / 60:.1f} min, ~{left / 60:.0f} min remaining"
+
+    def kind(job: Job) -> bool:
+        return job.row.startswith("base_")
+
+    slowest = max(seconds for _, seconds in done)
+    left = 0.0
+    for job in remaining:
+        same = [seconds for other, seconds in done if kind(other) == kind(job)]
+        left += sum(same) / len(same) if same else slowest
+    return f"elapsed {elapsed / 60:.1f} min, ~{left / max(1, workers) / 60:.0f} min remaining"
 
 
 if __name__ == "__main__":
@@ -196,13 +206,13 @@ if __name__ == "__main__":
     threads = max(1, (os.cpu_count() or 1) // max(1, args.workers))
     print(f"{len(jobs)} runs of suite {suite['name']!r}, {args.workers} at a time, {threads} thread(s) each -> {out}",
           flush=True)
-    start, failed, seconds_done = time.time(), [], []
+    start, failed, finished = time.time(), [], []
     with ThreadPoolExecutor(max_workers=args.workers) as pool:
         futures = {pool.submit(run_one, job, out / "logs" / f"{job.name}.log", threads): job for job in jobs}
         for done, future in enumerate(as_completed(futures), 1):
             job = futures[future]
             returncode, seconds = future.result()
-            seconds_done.append(seconds)
+            finished.append((job, seconds))
             status = "ok"
             try:
                 if returncode != 0:
@@ -213,7 +223,8 @@ if __name__ == "__main__":
                 failed.append(job.name)
                 status = f"FAILED ({exc}; see {out / 'logs' / f'{job.name}.log'})"
             print(f"[{done}/{len(jobs)}] {job.row} seed {job.seed}: {status} in {seconds:.0f} s | "
-                  f"{eta(start, seconds_done, len(jobs) - done, args.workers)}", flush=True)
+                  f"{eta(start, finished, [j for j in jobs if j not in [f for f, _ in finished]], args.workers)}",
+                  flush=True)
     print(f"all runs done in {(time.time() - start) / 60:.1f} min" + (f"; {len(failed)} failed: {', '.join(failed)}"
                                                                       if failed else ""), flush=True)
     if args.report:

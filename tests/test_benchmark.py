@@ -54,6 +54,14 @@ def test_base_evaluation_is_reused_only_for_the_same_command(tmp_path):
     assert other.name == job.name and not run.cached_result(tmp_path, other)
 
 
+def test_remaining_time_is_estimated_per_kind_of_job():
+    base, row, row2 = run.build_jobs(SUITE, ["grpo"], 2, Path("/out"), quick=False)[1:]
+    start = run.time.time() - 120
+    # one base evaluation took 60 s, one training run 240 s: a base job and a training run remain, 2 workers
+    assert run.eta(start, [(base, 60.0), (row, 240.0)], [base, row2], 2).endswith("~2 min remaining")
+    assert run.eta(start, [(base, 60.0)], [row2], 1).endswith("~1 min remaining")  # none of its kind: the slowest
+
+
 def test_unknown_row_suite_or_control_is_a_clear_error(tmp_path):
     with pytest.raises(SystemExit, match="nope not in suite"):
         run.build_jobs(SUITE, ["nope"], 1, Path("/out"), quick=False)
