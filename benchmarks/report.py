@@ -101,29 +101,35 @@ def verdict(c: stats.Comparison, direction: str) -> str:
 
 def frontier_points(groups: dict[str, list[dict]], suite: dict, k: int) -> list[tuple[float, float]]:
     """(pass@1, pass@k) of every frontier point, each the mean over a row's seeds (the upper envelope of single
-    runs would be biased up by their noise): the base at each temperature, and GRPO along its learning-rate sweep
-    (rows marked `frontier`)."""
-    rows = [r for r, spec in suite["rows"].items() if spec.get("frontier")] + [r for r in groups if r.startswith("base")]
+    runs would be biased up by their noise): the base at each temperature, and GRPO (rows marked `frontier`) along its
+    learning-rate sweep and through training (every evaluation that drew enough samples for pass@k)."""
     points = []
-    for row in rows:
-        runs = [run for run in groups.get(row, []) if f"eval/pass@{k}" in final(run)]
-        if runs:
-            points.append((statistics.mean(final(run)["eval/pass@1"] for run in runs),
-                           statistics.mean(final(run)[f"eval/pass@{k}"] for run in runs)))
+    for row in [r for r in groups if r.startswith("base")] + [r for r, spec in suite["rows"].items()
+                                                               if spec.get("frontier")]:
+        by_step: dict[int, list[dict]] = {}
+        for run in groups.get(row, []):
+            for record in run["evals"]:
+                if f"eval/pass@{k}" in record:
+                    by_step.setdefault(record["step"], []).append(record)
+        for records in by_step.values():
+            points.append((statistics.mean(r["eval/pass@1"] for r in records),
+                           statistics.mean(r[f"eval/pass@{k}"] for r in records)))
     return points
 
 
 def envelope(points: list[tuple[float, float]], x: float) -> float:
-    """The upper envelope of `points` at pass@1 = x: the best pass@k reachable at pass@1 >= x (a point that is better
-    on pass@1 and on pass@k dominates), interpolated linearly between the envelope's corners; nan beyond the best
-    pass@1 on the frontier."""
+    """The frontier at pass@1 = x: the best pass@k among the points with pass@1 >= x (a point better on both
+    dominates), interpolated linearly between the envelope's corners. Beyond the best pass@1 on the frontier it stays at
+    that point's pass@k: a method there is above only if it beats the frontier's end on both."""
     corners = []
     for px, py in sorted(points, key=lambda p: (-p[0], -p[1])):  # from the best pass@1 down
         if not corners or py > corners[-1][1]:
             corners.append((px, py))
     corners.reverse()  # by rising pass@1, falling pass@k
-    if not corners or x > corners[-1][0]:
+    if not corners:
         return math.nan
+    if x >= corners[-1][0]:
+        return corners[-1][1]
     if x <= corners[0][0]:
         return corners[0][1]
     for (x0, y0), (x1, y1) in zip(corners, corners[1:]):
@@ -135,7 +141,6 @@ def envelope(points: list[tuple[float, float]], x: float) -> float:
 def above_frontier(runs: list[dict], points, k: int) -> stats.Comparison:
     """Per seed: the run's pass@k minus the frontier's at the run's pass@1; mean, CI and p of a one-sample t-test."""
     margins = {run["seed"]: final(run)[f"eval/pass@{k}"] - envelope(points, final(run)["eval/pass@1"]) for run in runs}
-    margins = {s: m for s, m in margins.items() if not math.isnan(m)}
     return stats.paired(margins, {s: 0.0 for s in margins})
 
 
@@ -243,8 +248,10 @@ def frontier_table(groups: dict[str, list[dict]], suite: dict, k: int) -> str:
         at = statistics.mean(envelope(points, final(r)["eval/pass@1"]) for r in runs)
         c = above_frontier(runs, points, k)
         above = "yes" if c.p < 0.05 and c.diff > 0 else "below" if c.p < 0.05 else "no difference measured"
-        if math.isnan(at):
-            above = "beyond the frontier's pass@1 range"
+        if math.isnan(c.p):
+            above = "no test (one seed)"
+        elif statistics.mean(final(r)["eval/pass@1"] for r in runs) > max(x for x, _ in points):
+            above += " (pass@1 past the frontier's end)"
         lines.append(f"| {row} | {fmt(values(runs, 'eval/pass@1'))} | {fmt(values(runs, f'eval/pass@{k}'))} | "
                      f"{at:.3f} | {c.text()} | {above} |")
     return "\n".join(lines)
@@ -428,9 +435,11 @@ def sections(groups: dict[str, list[dict]], suite: dict, k: int) -> list[str]:
             comparison_table(groups, suite, k), "",
             "## Claims", "", claims_table(groups, suite, k), "",
             f"## The diversity frontier (pass@1 against pass@{k})", "",
-            "The frontier is the upper envelope of the base model across sampling temperatures and GRPO along its "
-            "learning-rate sweep (rows marked frontier). A method has a diversity effect only above it: per seed, "
-            f"its pass@{k} minus the frontier's at its own pass@1; one-sample t-test over seeds.", "",
+            "The frontier is the upper envelope of the base model across sampling temperatures and of GRPO along "
+            "its step size (the rows marked frontier: learning rates, 4 mini-batches) and through training (its "
+            f"evaluations with enough samples for pass@{k}), each point a mean over seeds. A method has a diversity "
+            f"effect only above it: per seed, its pass@{k} minus the frontier's at its own pass@1; one-sample t-test "
+            "over seeds. Past the frontier's best pass@1 the frontier stays at that point's pass@k.", "",
             frontier_table(groups, suite, k), "",
             "## The entropy-performance law on the probe set", "",
             "Probe entropy and accuracy (fixed training prompts, fixed sampling seed) at every probe step of every "

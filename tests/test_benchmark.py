@@ -126,7 +126,7 @@ def test_frontier_envelope_drops_dominated_points_and_interpolates():
     assert report.envelope(points, 0.4) == pytest.approx(0.8)
     assert report.envelope(points, 0.45) == pytest.approx(0.7)
     assert report.envelope(points, 0.2) == pytest.approx(0.9)  # below the lowest pass@1: its best pass@k
-    assert math.isnan(report.envelope(points, 0.6))  # beyond the frontier: no claim either way
+    assert report.envelope(points, 0.6) == pytest.approx(0.6)  # past the end: above only if it beats the end point
 
 
 def write_result(folder, row, seed, mean, pass8, entropy, second=0.7, probe=True):
