@@ -202,8 +202,8 @@ def comparison_table(groups: dict[str, list[dict]], suite: dict, k: int) -> str:
     metrics = [("eval/mean@n", "mean@n"), (f"eval/pass@{k}", f"pass@{k}"), ("probe/entropy", "probe entropy"),
                ("eval/second_skill/mean@n", "second skill mean@n")]
     lines = ["| row | against | " + " | ".join(name for _, name in metrics) + " |", "|---|---|" + "---|" * len(metrics)]
-    for row, spec in suite["rows"].items():
-        for against in dict.fromkeys(x for x in (spec.get("control"), spec.get("vs")) if x):
+    for row, spec in suite["rows"].items():  # every row against its control and against GRPO
+        for against in dict.fromkeys(x for x in (spec.get("control"), spec.get("vs", "grpo")) if x and x != row):
             if row not in groups or against not in groups:
                 continue
             cells = []

@@ -184,6 +184,9 @@ def test_report_tables_tests_claims_and_plots(tmp_path):
     noise_frontier = next(line for line in readme.splitlines() if line.startswith("| noise | 0.400"))
     assert noise_frontier.endswith("| no difference measured |")  # on GRPO's own frontier point
     assert "Failed runs (not in the tables): noise__4." in readme and "Hand-written reading" in readme
+    compared = [line.split(" | ")[:2] for line in readme.splitlines() if line.startswith("| method | grpo")
+                or line.startswith("| grpo_hi | grpo")]
+    assert compared == [["| grpo_hi", "grpo"], ["| method", "grpo"]]  # each row against GRPO (its control here)
     for png in ("accuracy.png", "entropy.png", "cov.png", "pass_at_k.png", "frontier.png", "law.png",
                 "forgetting.png"):
         assert (tmp_path / png).stat().st_size > 1000 and f"({png})" in readme, png
