@@ -12,8 +12,8 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
-import torch
 import tyro
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,12 +30,14 @@ class Args:
     """sampling temperature"""
     eval_prompts: int = 512
     """number of prompts (countdown adds half as many of its second skill)"""
-    eval_split: str = "test"
+    eval_split: Literal["test", "val"] = "test"
     """test or val"""
     samples: int = 128
     """samples per prompt (pass@k up to this k)"""
     max_new_tokens: int | None = None
     """maximum response length (default: the task's)"""
+    max_prompt_length: int | None = None
+    """longer prompts are left out (default: the model's position limit minus the response length)"""
     seed: int = 1
     """seed of the sampling"""
     exp_name: str = "base"
@@ -46,22 +48,20 @@ class Args:
 
 if __name__ == "__main__":
     args = tyro.cli(Args)
-    if not 0 < args.temperature <= 100 or args.samples < 0 or args.eval_prompts < 1:
-        raise common.UserInputError("--temperature must be in (0, 100], --samples >= 0, --eval-prompts >= 1")
+    common.check_flags(args)  # the scripts' own range rules (temperature, eval_prompts, seed, ...)
+    if args.samples < 0:
+        raise common.FlagError("samples", args.samples, "must be >= 0 (0: greedy only)")
     if args.task not in common.TASKS:
-        raise common.UserInputError(f"unknown task {args.task!r}; choose one of: {', '.join(common.TASKS)}")
-    if args.eval_split not in ("test", "val"):
-        raise common.UserInputError(f"--eval-split must be test or val, got {args.eval_split!r}")
+        raise common.FlagError("task", args.task, f"unknown task; choose one of: {', '.join(common.TASKS)}")
+    args.max_new_tokens = args.max_new_tokens or common.TASKS[args.task].max_new_tokens
     common.seed_everything(args.seed)
     model, tokenizer = common.load_model_and_tokenizer(args.model_name)
-    args.max_new_tokens = args.max_new_tokens or common.TASKS[args.task].max_new_tokens
-    limit = common.position_limit(model)
-    task = common.get_task(args.task, None, tokenizer, limit - args.max_new_tokens if limit else None)
+    args.max_prompt_length = common.check_position_limit(model, args)
+    task = common.get_task(args.task, None, tokenizer, args.max_prompt_length)
     items = task.eval_items(args.eval_split, args.eval_prompts)
     start = time.time()
-    with torch.no_grad():
-        metrics = common.evaluate(model, tokenizer, task, items, args.samples,
-                                  common.Sampling(args.max_new_tokens, args.temperature))
+    metrics = common.evaluate(model, tokenizer, task, items, args.samples,
+                              common.Sampling(args.max_new_tokens, args.temperature))
     run_dir = Path(args.output_dir) / args.exp_name
     run_dir.mkdir(parents=True, exist_ok=True)
     common.atomic_write(run_dir / "config.json", json.dumps({**asdict(args), "num_steps": 0}, indent=2) + "\n")

@@ -43,11 +43,15 @@ def load_results(folder: Path) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
     for path in sorted(folder.glob("*.json")):
         run = json.loads(path.read_text())
-        for record in run["evals"]:
-            record.update({k.split("mean@")[0] + "mean@n": v for k, v in list(record.items())
-                           if "/mean@" in k and k.split("mean@")[1].isdigit()})
+        run["evals"] = [with_mean_at_n(record) for record in run["evals"]]
         rows.setdefault(run["row"], []).append(run)
     return {row: sorted(runs, key=lambda r: r["seed"]) for row, runs in rows.items()}
+
+
+def with_mean_at_n(record: dict) -> dict:
+    """The record with every `eval/[subset/]mean@<n>` also under `eval/[subset/]mean@n` (n differs between runs)."""
+    return {**record, **{k.split("mean@")[0] + "mean@n": v for k, v in record.items()
+                         if "/mean@" in k and k.split("mean@")[1].isdigit()}}
 
 
 def final(run: dict) -> dict:

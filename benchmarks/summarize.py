@@ -11,6 +11,8 @@ import json
 import statistics
 from pathlib import Path
 
+from report import with_mean_at_n  # the same folder: one alias of mean@<n> for both scripts
+
 COLUMNS = ["eval/greedy_acc", "eval/mean@n", "eval/pass@8", "eval/pass@64", "eval/distinct_correct",
            "eval/second_skill/mean@n"]
 
@@ -23,14 +25,7 @@ def read_run(run_dir: Path) -> dict:
 
 def evals(run: dict) -> list[dict]:
     """Evaluation records, each `eval/[subset/]mean@<n>` also under `eval/[subset/]mean@n`."""
-    out = []
-    for record in run["records"]:
-        if "eval/greedy_acc" in record:
-            record = dict(record)
-            record.update({k.split("mean@")[0] + "mean@n": v for k, v in record.items()
-                           if "/mean@" in k and k.split("mean@")[1].isdigit()})
-            out.append(record)
-    return out
+    return [with_mean_at_n(record) for record in run["records"] if "eval/greedy_acc" in record]
 
 
 def load_run(run_dir: Path) -> dict:
@@ -65,7 +60,8 @@ def table(runs: list[dict]) -> str:
     for name, group in group_by_name(runs).items():
         for stage in ("base", "final"):
             cells = [mean_std([r[stage][c] for r in group if c in r[stage]]) for c in COLUMNS]
-            label = f"{name} (step 0)" if stage == "base" else f"{name} (step {group[0]['final_step']})"
+            first = group[0]["base"]["step"]  # step 0, or the first evaluation of a run with --no-eval-base
+            label = f"{name} (step {first})" if stage == "base" else f"{name} (step {group[0]['final_step']})"
             lines.append(f"| {label} | {len(group)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
