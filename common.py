@@ -106,17 +106,19 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
             why = "the folder has no tokenizer files (tokenizer.json, tokenizer_config.json, ...)"
         raise UserInputError(f"model {name!r} has no usable tokenizer: {why}") from None
     if not usable:
-        raise UserInputError(f"model {name!r} has no usable tokenizer: it encodes text to no tokens")
+        raise UserInputError(f"model {name!r} has no usable tokenizer: it encodes text to no "
+                             "tokens")
     dtype = torch.bfloat16 if low_precision and frozen else torch.float32
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except Exception as exc:  # truncated or missing weights, a config the class rejects
-        raise UserInputError(f"could not read the weights of model {name!r}: {_first_line(exc)}") from None
+        why = _first_line(exc)
+        raise UserInputError(f"could not read the weights of model {name!r}: {why}") from None
     rows = model.get_input_embeddings().num_embeddings
     if len(tokenizer) > rows:
-        raise UserInputError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the model's "
-                             f"embedding only {rows} rows (vocab_size); the tokenizer does not belong to "
-                             "these weights")
+        raise UserInputError(f"model {name!r}: its tokenizer has {len(tokenizer)} tokens but the "
+                             f"model's embedding only {rows} rows (vocab_size); the tokenizer does "
+                             "not belong to these weights")
     disable_dropout(model)
     tokenizer.padding_side = "left"
     eos = model.generation_config.eos_token_id
@@ -124,15 +126,19 @@ def load_model_and_tokenizer(name: str, device: torch.device | str = "cpu", bf16
         eos = tokenizer.eos_token_id
     if eos is None:
         raise UserInputError(f"model {name!r} has no end-of-sequence token (eos_token_id in its "
-                             "generation_config.json, config.json or tokenizer): responses could never end")
-    if tokenizer.pad_token_id is None:  # pad with EOS: the response mask ends at the first EOS anyway
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(eos[0] if isinstance(eos, list) else eos)
+                             "generation_config.json, config.json or tokenizer): responses could "
+                             "never end")
+    if tokenizer.pad_token_id is None:  # pad with EOS: the response mask ends at the first EOS
+        first_eos = eos[0] if isinstance(eos, list) else eos
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(first_eos)
     model.base_generation_config = model.generation_config
-    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=tokenizer.pad_token_id,
-                                               bos_token_id=model.generation_config.bos_token_id)
-    model.autocast_dtype = torch.bfloat16 if low_precision and not frozen else None  # see autocast()
-    if gradient_checkpointing and not frozen:  # recompute activations: less memory, ~1/3 more compute
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    bos = model.generation_config.bos_token_id
+    pad = tokenizer.pad_token_id
+    model.generation_config = GenerationConfig(eos_token_id=eos, pad_token_id=pad, bos_token_id=bos)
+    model.autocast_dtype = torch.bfloat16 if low_precision and not frozen else None  # autocast()
+    if gradient_checkpointing and not frozen:  # recompute activations: less memory, ~1/3 more time
+        kwargs = {"use_reentrant": False}
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     return model.to(device), tokenizer
 
 
@@ -237,7 +243,8 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sam
       a GPU, `static` and `continuous` decode in a bf16 copy of the fp32 policy (their caches hold
       one dtype); `generate` runs under autocast. Under FSDP every process keeps stepping until all
       are done (`synced_gpus`), since each forward is collective."""
-    max_new_tokens, temperature, backend = sampling.max_new_tokens, sampling.temperature, sampling.backend
+    max_new_tokens, temperature = sampling.max_new_tokens, sampling.temperature
+    backend = sampling.backend
     if not greedy and not temperature > 0:
         raise UserInputError(f"the sampling temperature must be > 0, got {temperature}")
     if backend not in ROLLOUT_BACKENDS:
@@ -248,12 +255,13 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sam
                              "use generate or static")
     policy = unwrap(model)
     device = next(policy.parameters()).device
-    pad_to = 64 if backend == "static" else None  # a compiled static step recompiles for each length
+    pad_to = 64 if backend == "static" else None  # a compiled step recompiles for each length
     enc = tokenizer(prompts, return_tensors="pt", padding=True, pad_to_multiple_of=pad_to,
                     add_special_tokens=False).to(device)
     prompt_ids = enc["input_ids"].repeat_interleave(group_size, dim=0)  # (B, P)
     prompt_attn = enc["attention_mask"].repeat_interleave(group_size, dim=0)
-    knobs = {} if greedy else dict(temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    knobs = dict(temperature=temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    knobs = {} if greedy else knobs
     eos = eos_ids(policy)
     low_precision = backend != "generate" and not is_fsdp(model)
     generator = _low_precision_copy(policy) if low_precision else policy
@@ -266,8 +274,8 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sam
         else:
             extra = {"cache_implementation": "static"} if backend == "static" else {}
             out = generator.generate(input_ids=prompt_ids, attention_mask=prompt_attn,
-                                     max_new_tokens=max_new_tokens, do_sample=not greedy, use_cache=True,
-                                     synced_gpus=is_fsdp(model), **extra, **knobs)
+                                     max_new_tokens=max_new_tokens, do_sample=not greedy,
+                                     use_cache=True, synced_gpus=is_fsdp(model), **extra, **knobs)
             response_ids = out[:, prompt_ids.shape[1]:]  # (B, T)
     policy.train(was_training)
     P = prompt_ids.shape[1]
@@ -278,7 +286,8 @@ def rollout(model, tokenizer, prompts: list[str], group_size: int, sampling: Sam
     texts = tokenizer.batch_decode(kept_ids, skip_special_tokens=True)
     attention_mask = torch.cat([prompt_attn, torch.ones_like(response_ids)], dim=1)
     prompt_index = torch.arange(len(prompts), device=device).repeat_interleave(group_size)
-    return Rollout(out, attention_mask, response_ids, response_mask, prompt_index, truncated, texts, P)
+    return Rollout(out, attention_mask, response_ids, response_mask, prompt_index, truncated, texts,
+                   P)
 
 
 _LOW_PRECISION_COPIES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -314,13 +323,14 @@ def _continuous_batching(model, enc, group_size: int, max_new_tokens: int, greed
     is the j-th response to prompt i, as with `generate`."""
     from transformers import ContinuousBatchingConfig, GenerationConfig
 
-    prompts = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"])]
+    masks = enc["attention_mask"].bool()
+    prompts = [ids[mask].tolist() for ids, mask in zip(enc["input_ids"], masks)]
     forks = 1 if greedy else group_size  # sampled responses fork from their prompt's request
     requests = [p for p in prompts for _ in range(group_size // forks)]
     config = GenerationConfig(do_sample=not greedy, max_new_tokens=max_new_tokens,
                               num_return_sequences=forks, pad_token_id=pad_id,
                               eos_token_id=model.generation_config.eos_token_id, **sampling)
-    page = 256  # tokens per cache block; the cache is sized to this rollout (default: 90% of memory)
+    page = 256  # tokens per cache block; the cache fits this rollout (default: 90% of memory)
     pages_per_row = math.ceil((enc["input_ids"].shape[1] + max_new_tokens) / page)
     cb_config = ContinuousBatchingConfig(page_size=page,
                                          num_blocks=len(prompts) * group_size * pages_per_row + 1)
@@ -328,7 +338,8 @@ def _continuous_batching(model, enc, group_size: int, max_new_tokens: int, greed
                                    continuous_batching_config=cb_config)
     outputs = list(results.values())  # ordered by prompt, a prompt's G responses next to each other
     if len(outputs) != len(prompts) * group_size or any(o.error is not None for o in outputs):
-        raise RuntimeError("continuous batching lost or failed requests; rerun with --rollout generate")
+        raise RuntimeError("continuous batching lost or failed requests; rerun with --rollout "
+                           "generate")
     T = max(1, max(len(o.generated_tokens) for o in outputs))
     response_ids = torch.full((len(outputs), T), pad_id, dtype=torch.long)
     for row, output in enumerate(outputs):
@@ -348,7 +359,7 @@ class TokenStats:
 
     logp: torch.Tensor  # log-prob of the sampled token
     entropy: torch.Tensor | None = None  # full-vocabulary entropy of the next-token distribution
-    vocab_mean: torch.Tensor | None = None  # vocabulary mean of the log-probs (ROVER's uniform policy)
+    vocab_mean: torch.Tensor | None = None  # vocabulary mean of log p (ROVER's uniform policy)
 
 
 LOGITS_CHUNK = 2**24  # fp32 logits at once in _LogitStats (64 MB, ~110 rows of a 152k vocabulary)
@@ -382,7 +393,7 @@ class _LogitStats(torch.autograd.Function):
                 entropy[s:s + chunk] = lse - (torch.softmax(z, -1) * z).sum(-1)
         ctx.save_for_backward(logits, tokens, entropy)
         ctx.temperature = temperature
-        ctx.set_materialize_grads(False)  # an output nothing depends on gets None: its term is skipped
+        ctx.set_materialize_grads(False)  # an output nothing uses gets None: its term is skipped
         ctx.mark_non_differentiable(vocab_mean)
         return logp, entropy, vocab_mean
 
@@ -404,9 +415,10 @@ class _LogitStats(torch.autograd.Function):
         return logits, None, None, None
 
 
-def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
-                      temperature: float = 1.0, with_entropy: bool = False, entropy_grad: bool = False,
-                      with_vocab_mean: bool = False, micro_batch_size: int | None = None,
+def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      response_len: int, temperature: float = 1.0, with_entropy: bool = False,
+                      entropy_grad: bool = False, with_vocab_mean: bool = False,
+                      micro_batch_size: int | None = None,
                       micro_batch_tokens: int = 0) -> TokenStats:
     """Statistics of every response token from temperature-scaled fp32 logits (`_LogitStats`).
 
@@ -426,28 +438,31 @@ def response_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     widths = torch.stack([attention_mask[:, :-response_len].sum(-1), valid.sum(-1)], -1)  # (B, 2)
     B, width = input_ids.shape
     stats = [input_ids.new_zeros(B, response_len, dtype=torch.float32) for _ in range(3)]
-    collective = model is not unwrap(model) or is_fsdp(model)  # DDP, FSDP: as many forwards everywhere
-    for rows in micro_batches(torch.arange(B, device=input_ids.device), widths, micro_batch_size or B,
-                              micro_batch_tokens, even=collective):
-        first = width - response_len - int(widths[rows, 0].max())  # columns first .. P + T go through
+    collective = model is not unwrap(model) or is_fsdp(model)  # DDP, FSDP: as many forwards
+    all_rows = torch.arange(B, device=input_ids.device)
+    for rows in micro_batches(all_rows, widths, micro_batch_size or B, micro_batch_tokens,
+                              even=collective):
+        first = width - response_len - int(widths[rows, 0].max())  # columns first .. P + T
         T = max(1, int(widths[rows, 1].max()))
         end = width - response_len + T
         with autocast(model):
             logits = model(input_ids=input_ids[rows, first:end],
                            attention_mask=attention_mask[rows, first:end],
                            position_ids=position_ids[rows, first:end], logits_to_keep=T + 1,
-                           use_cache=False).logits  # (b, T + 1, V); the last predicts past the window
+                           use_cache=False).logits  # (b, T + 1, V); the last is past the window
         tokens = torch.nn.functional.pad(input_ids[rows, end - T:end], (0, 1))  # (b, T + 1)
         logp, entropy, vocab_mean = _LogitStats.apply(logits.flatten(0, 1), tokens.flatten(),
                                                       temperature, with_entropy)
         if not entropy_grad:
             entropy = entropy.detach()
         for stat, values in zip(stats, (logp, entropy, vocab_mean)):
-            values = torch.nn.functional.pad(values.view(len(rows), T + 1)[:, :-1], (0, response_len - T))
+            values = values.view(len(rows), T + 1)[:, :-1]  # (b, T)
+            values = torch.nn.functional.pad(values, (0, response_len - T))
             stat[rows] = torch.where(valid[rows], values, 0.0)
         del logits
     logp, entropy, vocab_mean = stats
-    return TokenStats(logp, entropy if with_entropy else None, vocab_mean if with_vocab_mean else None)
+    return TokenStats(logp, entropy if with_entropy else None,
+                      vocab_mean if with_vocab_mean else None)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_processes: bool = False) -> torch.Tensor:
@@ -513,7 +528,8 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, sampling
             correct_counts.append(len(correct))
             distinct.append(len({task.answer_key(text) for text in correct}))
         _progress(f"evaluating, {n_samples} samples each", len(correct_counts), len(mine), began)
-    correct_counts, distinct = gather_lists(correct_counts[:n_mine]), gather_lists(distinct[:n_mine])
+    correct_counts = gather_lists(correct_counts[:n_mine])
+    distinct = gather_lists(distinct[:n_mine])
 
     subsets = {"": [i for i, item in enumerate(items) if item.get("subset") != "second_skill"]}
     for name in dict.fromkeys(item["subset"] for item in items if item.get("subset")):
@@ -528,7 +544,8 @@ def evaluate(model, tokenizer, task, items: list[dict], n_samples: int, sampling
         metrics[f"{prefix}mean@{n_samples}"] = sum(counts) / (len(rows) * n_samples)
         k = 1
         while k <= n_samples:
-            metrics[f"{prefix}pass@{k}"] = float(np.mean([pass_at_k(n_samples, c, k) for c in counts]))
+            pass_k = [pass_at_k(n_samples, c, k) for c in counts]
+            metrics[f"{prefix}pass@{k}"] = float(np.mean(pass_k))
             k *= 2
         metrics[f"{prefix}distinct_correct"] = float(np.mean([distinct[i] for i in rows]))
     return metrics
@@ -616,7 +633,7 @@ def _value(tree) -> Fraction:
     return value
 
 
-def _steps_tree(steps: list[tuple[int, str, int, int]], nums: list[int] | None) -> tuple[object, bool]:
+def _steps_tree(steps: list[tuple[int, str, int, int]], nums: list[int] | None):
     """The expression tree that `steps` (a op b = c) build, and whether they solve over `nums`: each
     step takes two available numbers (a given one or an earlier result, each used once), its result
     is exactly a op b, and at the end one number is left. An operand equal to an unused earlier
@@ -625,7 +642,7 @@ def _steps_tree(steps: list[tuple[int, str, int, int]], nums: list[int] | None) 
     another result, another step order of the same solution may read as another tree (another
     canonical form)."""
     available = Counter(nums or [])
-    results: list[tuple[int, object]] = []  # (value, tree) of the results not used yet, oldest first
+    results: list[tuple[int, object]] = []  # (value, tree) of unused results, oldest first
     valid = nums is not None
     for a, op, b, c in steps:
         operands = []
@@ -691,7 +708,8 @@ def _literals(tree) -> list[int]:
     return [tree] if isinstance(tree, int) else _literals(tree[1]) + _literals(tree[2])
 
 
-def verify_countdown(nums: list[int], target: int, response: str, steps: bool = True) -> tuple[bool, bool]:
+def verify_countdown(nums: list[int], target: int, response: str,
+                     steps: bool = True) -> tuple[bool, bool]:
     """`(correct, parsed)` of a countdown answer; never raises, never calls `eval`.
 
     Steps (the default): correct iff every step combines two available numbers (each given number
@@ -735,8 +753,8 @@ class Countdown:
             return (f"Compute {item['expression']} one operation at a time, 'a op b = c', steps "
                     "separated by commas, for example <answer>2*3=6,1+6=7</answer> for 1+2*3.")
         if self.steps:
-            form = ("one step per operation, 'a op b = c', steps separated by commas, the last result "
-                    "equal to the target, for example <answer>1+2=3,3*3=9</answer>")
+            form = ("one step per operation, 'a op b = c', steps separated by commas, the last "
+                    "result equal to the target, for example <answer>1+2=3,3*3=9</answer>")
         else:
             form = "an expression with parentheses, for example <answer>(1+2)*3</answer>"
         return (f"Using the numbers {item['nums']}, reach {item['target']} with + - * /. Use each "
@@ -763,7 +781,8 @@ class Countdown:
             path = REPO_ROOT / "benchmarks" / "data" / self.data / f"{split}.jsonl"
             if not path.is_file():
                 raise UserInputError(f"task {self.name}: split file {path} is missing")
-            _SPLITS[key] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            lines = path.read_text().splitlines()
+            _SPLITS[key] = [json.loads(line) for line in lines if line.strip()]
         return _SPLITS[key]
 
     def train_items(self) -> list[dict]:
@@ -855,7 +874,9 @@ def verify_math(gold: str, response: str) -> tuple[bool, bool]:
     No final answer, an unparseable one, an error or a timeout -> not correct; so does a gold over
     MAX_MATH_ANSWER_CHARS; never raises. math-verify bounds its work with SIGALRM, which exists only
     in a main thread: from another thread the check runs in a helper process's main thread."""
-    if not isinstance(response, str) or not isinstance(gold, str) or len(gold) > MAX_MATH_ANSWER_CHARS:
+    if not (isinstance(response, str) and isinstance(gold, str)):
+        return False, False
+    if len(gold) > MAX_MATH_ANSWER_CHARS:
         return False, False
     answer = extract_final_answer(response)
     if answer is None or len(answer) > MAX_MATH_ANSWER_CHARS:
@@ -920,9 +941,11 @@ def _math_verify_in_helper(gold: str, answer: str) -> tuple[bool, bool]:
     with _HELPER_LOCK:
         helper = _HELPER.get("process")
         if helper is None or helper.poll() is not None:
-            code = "import sys; sys.path.insert(0, sys.argv[1]); import common; common._math_verify_server()"
-            helper = subprocess.Popen([sys.executable, "-c", code, str(REPO_ROOT)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, bufsize=1)
+            code = ("import sys; sys.path.insert(0, sys.argv[1]); import common; "
+                    "common._math_verify_server()")
+            helper = subprocess.Popen([sys.executable, "-c", code, str(REPO_ROOT)],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      bufsize=1)
             _HELPER["process"] = helper
             atexit.register(helper.kill)
         try:
@@ -1009,8 +1032,8 @@ class MathTask:
 def _chat_or_plain(tokenizer, question: str, plain: str) -> str:
     """The tokenizer's chat template around the question when it has one, else the plain prompt."""
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                             add_generation_prompt=True)
+        messages = [{"role": "user", "content": question}]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return plain
 
 
@@ -1024,8 +1047,8 @@ def load_rows(source: str, split: str, config: str | None = None):
     datasets.logging.set_verbosity(logging.CRITICAL)  # its error lines too: ours carries the cause
     path = Path(source).expanduser()
     if path.is_file():
-        raise UserInputError(f"dataset {source!r} is a single file: pass a folder with a train and a "
-                             "test file")
+        raise UserInputError(f"dataset {source!r} is a single file: pass a folder with a train "
+                             "and a test file")
     if not path.is_dir() and not re.fullmatch(r"[\w-][\w.-]*(/[\w.-]+)?", source):
         raise UserInputError(f"dataset folder not found: {source}")
     if path.is_dir() and not _split_files(path, split):
@@ -1035,7 +1058,8 @@ def load_rows(source: str, split: str, config: str | None = None):
         return datasets.load_dataset(str(path) if path.is_dir() else source, config, split=split)
     except Exception as exc:  # ConnectionError, FileNotFoundError, ValueError, ... by the cause
         hint = " (offline: pass a local path)" if not path.is_dir() else ""
-        bad_line = path.is_dir() and next(filter(None, map(_first_bad_line, _split_files(path, split))), None)
+        files = _split_files(path, split) if path.is_dir() else []
+        bad_line = next(filter(None, map(_first_bad_line, files)), None)
         raise UserInputError(f"could not load the {split} split of dataset {source!r}{hint}: "
                              f"{bad_line or _first_line(exc)}") from None
 
@@ -1095,15 +1119,19 @@ def _math_split(task: MathTask, split: str) -> list[dict]:
         elif not gold:
             skipped["no final answer"].append(index)
         elif not _plain_number(gold) and not _parsed_gold(gold):  # plain numbers always parse
-            skipped[f"a gold answer math-verify cannot parse or compare within {MATH_TIMEOUT} s"].append(index)
+            why = f"a gold answer math-verify cannot parse or compare within {MATH_TIMEOUT} s"
+            skipped[why].append(index)
         else:
             items.append({"question": question.strip(), "gold": gold})
-    files = _split_files(Path(source).expanduser(), split) if Path(source).expanduser().is_dir() else []
+    folder = Path(source).expanduser()
+    files = _split_files(folder, split) if folder.is_dir() else []
     where = str(files[0]) if len(files) == 1 else source
     if skipped:
-        reasons = "; ".join(f"{len(rows)} with {why} (e.g. row {rows[0]})" for why, rows in skipped.items())
-        print(f"warning: {where} ({split}): skipped {sum(map(len, skipped.values()))} malformed row(s): "
-              f"{reasons}", file=sys.stderr)
+        reasons = "; ".join(f"{len(rows)} with {why} (e.g. row {rows[0]})"
+                            for why, rows in skipped.items())
+        n_skipped = sum(map(len, skipped.values()))
+        print(f"warning: {where} ({split}): skipped {n_skipped} malformed row(s): {reasons}",
+              file=sys.stderr)
     if not items:
         raise UserInputError(f"the {split} split of dataset {source!r} has no usable rows")
     _SPLITS[key] = items
@@ -1120,7 +1148,8 @@ TASKS = {
 }
 
 
-def get_task(name: str, dataset: str | None = None, tokenizer=None, max_prompt_length: int | None = None):
+def get_task(name: str, dataset: str | None = None, tokenizer=None,
+             max_prompt_length: int | None = None):
     """The task `name`, reading `dataset` (hub id or local folder) instead of its default source,
     with `tokenizer`'s chat template when it has one, leaving out prompts over `max_prompt_length`.
     """
@@ -1129,8 +1158,8 @@ def get_task(name: str, dataset: str | None = None, tokenizer=None, max_prompt_l
     task = TASKS[name]
     if dataset:
         if not isinstance(task, MathTask):
-            raise UserInputError(f"task {name} is generated, it reads no dataset; --dataset applies to "
-                                 "gsm8k and math")
+            raise UserInputError(f"task {name} is generated, it reads no dataset; --dataset "
+                                 "applies to gsm8k and math")
         task = replace(task, train_source=dataset, test_source=dataset,
                        config=task.config if dataset == task.train_source else None)
     if tokenizer is None:
@@ -1186,7 +1215,7 @@ def _excepthook(exc_type, exc, tb):
 
 
 sys.excepthook = _excepthook
-sys.stdout.reconfigure(line_buffering=True)  # every printed line reaches a pipe (a log, `tee`) at once
+sys.stdout.reconfigure(line_buffering=True)  # each printed line reaches a pipe (log, `tee`) at once
 
 RUN_STATE: dict = {"run_dir": None, "checkpoint_step": None}
 """The run folder and the step of its last checkpoint on disk (kept by RunLogger and
@@ -1200,7 +1229,8 @@ def where_to_resume() -> str:
     if run_dir is None:
         return "the run had not started; nothing was written"
     if step is None:
-        return f"no checkpoint was saved yet in {run_dir} (see --checkpoint-every); nothing to resume"
+        return (f"no checkpoint was saved yet in {run_dir} (see --checkpoint-every); nothing to "
+                "resume")
     world = os.environ.get("WORLD_SIZE", "1")
     launcher = f"torchrun --nproc-per-node {world}" if world != "1" else "python"
     return (f"the last checkpoint is step {step} in {run_dir}; "
@@ -1216,7 +1246,10 @@ def disk_errors(folder, *partial: Path):
         yield
     except OSError as exc:
         for path in partial:
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         why = "no space left on the device" if full else exc.strerror or str(exc)
         raise TrainingStopped(f"could not write to {folder}: {why}; {where_to_resume()}") from None
@@ -1260,27 +1293,32 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of a script's Args t
     "seed": _rule(lambda v: 0 <= v <= 2**32 - 1, "must be in [0, 2**32 - 1]"),
     "exp_name": _rule(lambda v: v not in ("", ".", "..") and not any(c in v for c in "/\\\0"),
                       "must be a plain name, without path separators"),
-    "output_dir": _rule(lambda v: _writable_folder(v), "is not a folder that can be written (or created)"),
-    "log_completions_every": _at_least(0, " (0: never)"), "checkpoint_every": _at_least(0, " (0: never)"),
+    "output_dir": _rule(lambda v: _writable_folder(v),
+                        "is not a folder that can be written (or created)"),
+    "log_completions_every": _at_least(0, " (0: never)"),
+    "checkpoint_every": _at_least(0, " (0: never)"),
     "eval_every": _at_least(0, " (0: only before the first and after the last step)"),
     "max_new_tokens": _at_least(1, " (leave it out for the task's own length)"),
     "max_prompt_length": _at_least(1, " (leave it out for the model's limit)"),
     "temperature": _rule(lambda v: 0 < v <= 100, "must be in (0, 100]", finite=True),
     "top_p": _SHARE, "top_k": _at_least(0, " (0: off)"),
-    "eval_samples": _at_least(0, " (0: greedy only)"), "final_eval_samples": _at_least(0, " (0: greedy only)"),
+    "eval_samples": _at_least(0, " (0: greedy only)"),
+    "final_eval_samples": _at_least(0, " (0: greedy only)"),
     "micro_batch_tokens": _at_least(0, " (0: micro-batches of --micro-batch-size rows)"),
     "group_size": _at_least(1, " (and >= 2 where groups give the baseline)"),
-    **{name: _at_least(1) for name in ("num_steps", "prompts_per_step", "num_mini_batches", "num_epochs",
-                                       "micro_batch_size", "presample_k", "rehearsal_threshold",
-                                       "pool_prompts", "rehearsal_batch_size", "eval_prompts")},
+    **dict.fromkeys(("num_steps", "prompts_per_step", "num_mini_batches", "num_epochs",
+                     "micro_batch_size", "presample_k", "rehearsal_threshold", "pool_prompts",
+                     "rehearsal_batch_size", "eval_prompts"), _at_least(1)),
     # an AdamW step moves every weight by about the learning rate: above 1 it is noise
     "learning_rate": _rule(lambda v: 0 < v <= 1, "must be in (0, 1]", finite=True),
     "prm_learning_rate": _rule(lambda v: 0 <= v <= 1, "must be in [0, 1] (0: the PRM stays frozen)",
                                finite=True),
-    **dict.fromkeys(("max_grad_norm", "prm_max_grad_norm", "prm_beta", "rho", "clip_eps_high"), _POSITIVE),
+    **dict.fromkeys(("max_grad_norm", "prm_max_grad_norm", "prm_beta", "rho", "clip_eps_high"),
+                    _POSITIVE),
     **dict.fromkeys(("beta", "eta", "kl_cov_coef", "entropy_coef"), _NON_NEGATIVE),
     **dict.fromkeys(("clip_eps_low", "acc_low", "acc_high", "gamma"), _UNIT),
-    "clip_cov_ratio": _SHARE, "kl_cov_ratio": _SHARE, "clip_cov_lb": _FINITE, "clip_cov_ub": _FINITE,
+    "clip_cov_ratio": _SHARE, "kl_cov_ratio": _SHARE,
+    "clip_cov_lb": _FINITE, "clip_cov_ub": _FINITE,
     "alpha": _rule(lambda v: 0 < v < 1, "must be strictly between 0 and 1", finite=True),
 }
 
@@ -1311,11 +1349,11 @@ def check_shared_args(args) -> None:
         raise FlagError("task", args.task, f"unknown task; choose one of: {', '.join(TASKS)}")
     args.max_new_tokens = args.max_new_tokens or TASKS[args.task].max_new_tokens
     if 0 < args.micro_batch_tokens <= args.max_new_tokens:
-        raise FlagError("micro_batch_tokens", args.micro_batch_tokens, "smaller than one row: a prompt "
-                        f"and up to {args.max_new_tokens} response tokens")
+        raise FlagError("micro_batch_tokens", args.micro_batch_tokens, "smaller than one row: a "
+                        f"prompt and up to {args.max_new_tokens} response tokens")
     if args.fsdp and args.rollout == "continuous":
-        raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); use "
-                        "generate or static")
+        raise FlagError("rollout", args.rollout, "does not run on FSDP-sharded weights (--fsdp); "
+                        "use generate or static")
     check_memory(args)  # a one-line warning on a GPU the run will not fit
 
 
@@ -1326,9 +1364,11 @@ def check_position_limit(model, args) -> int | None:
     if limit is not None and args.max_new_tokens >= limit:
         raise FlagError("max_new_tokens", args.max_new_tokens, "leaves no room for a prompt: the "
                         f"model's position limit is {limit} tokens")
-    if limit is not None and args.max_prompt_length and args.max_prompt_length + args.max_new_tokens > limit:
+    budget = (args.max_prompt_length or 0) + args.max_new_tokens
+    if limit is not None and args.max_prompt_length and budget > limit:
         raise FlagError("max_prompt_length", args.max_prompt_length, f"+ --max-new-tokens "
-                        f"{args.max_new_tokens} exceeds the model's position limit of {limit} tokens")
+                        f"{args.max_new_tokens} exceeds the model's position limit of {limit} "
+                        "tokens")
     return args.max_prompt_length or (limit - args.max_new_tokens if limit is not None else None)
 
 
@@ -1336,14 +1376,15 @@ def memory_coefficients(c: dict) -> dict[str, int]:
     """Bytes per token (per decoder layer) of a Qwen2/Llama-style config, fitted to PyTorch's
     allocations (benchmarks/memory_model.py): saved for backward, with checkpointing, in
     `generate`'s KV cache; and the parameters."""
-    h, i, heads, L = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"], c["num_hidden_layers"]
+    h, i, heads = c["hidden_size"], c["intermediate_size"], c["num_attention_heads"]
+    L = c["num_hidden_layers"]
     q = heads * (c.get("head_dim") or h // heads)
     kv = c["num_key_value_heads"] * q // heads
     layer = 26 * h + 4 * q + 4 * kv + 8 * i + 4 * heads + 8
     embeddings = c["vocab_size"] * h * (1 if c.get("tie_word_embeddings") else 2)
     params = embeddings + L * (2 * h * (q + kv) + 3 * h * i)
-    return dict(layer=layer, checkpointed=4 * h, recompute=layer + 4 * i + 2 * q, other=24 * h + 2 * i,
-                kv=12 * kv, params=params)
+    return dict(layer=layer, checkpointed=4 * h, recompute=layer + 4 * i + 2 * q,
+                other=24 * h + 2 * i, kv=12 * kv, params=params)
 
 
 def estimate_peak_memory(c: dict, args, processes: int = 1, prompt: int = 256) -> dict[str, float]:
@@ -1351,12 +1392,14 @@ def estimate_peak_memory(c: dict, args, processes: int = 1, prompt: int = 256) -
     reference, PRM), the phases `training`, `generation`, `evaluation`, and `peak` = 1.15 x (static
     + largest phase): 15% for what counted allocations miss (fragmentation, CUDA/NCCL workspaces).
     """
-    m, L, V, autocast_fp32 = memory_coefficients(c), c["num_hidden_layers"], c["vocab_size"], not args.fsdp
+    m, L, V = memory_coefficients(c), c["num_hidden_layers"], c["vocab_size"]
+    autocast_fp32 = not args.fsdp
     P, width = m["params"], prompt + args.max_new_tokens
     prm = 2 if hasattr(args, "prm_learning_rate") else 1  # PRIME trains a PRM too
     static = 16 * P / (processes if args.fsdp else 1) * prm
     copies = ((args.rollout != "generate" and autocast_fp32) + (getattr(args, "beta", 0) > 0)
-              + (getattr(args, "divergence", "") == "reverse-kl") + (getattr(args, "prm_ref", "") == "freeze"))
+              + (getattr(args, "divergence", "") == "reverse-kl")
+              + (getattr(args, "prm_ref", "") == "freeze"))
     static += 2 * P * copies
     tokens = min(args.micro_batch_size * width, args.micro_batch_tokens or math.inf)
     logits = 2 * V * tokens * args.max_new_tokens / width + 20 * LOGITS_CHUNK  # bf16, fp32 chunks
@@ -1367,7 +1410,7 @@ def estimate_peak_memory(c: dict, args, processes: int = 1, prompt: int = 256) -
     kv_fp32 = args.rollout == "generate" and autocast_fp32
     kv = L * (m["kv"] if kv_fp32 else m["kv"] // 3)  # bf16 copy / FSDP: 2+2 bytes
 
-    def decoding(rows):  # KV cache, a step's fp32 logits and probabilities, bf16 weights of autocast
+    def decoding(rows):  # KV cache, a step's fp32 logits and probabilities, autocast's bf16 weights
         return rows * (width * kv + 8 * V) + 2 * P * autocast_fp32
 
     mine = -(-getattr(args, "eval_prompts", 0) // processes)  # each process evaluates its share
@@ -1389,17 +1432,21 @@ def check_memory(args, device_bytes: int | None = None) -> None:
 
         config = AutoConfig.from_pretrained(resolve_model_path(args.model_name)).to_dict()
         parts = estimate_peak_memory(config, args, world_size())
-        device_bytes = device_bytes or torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        if not device_bytes:
+            gpu = torch.cuda.get_device_properties(torch.cuda.current_device())
+            device_bytes = gpu.total_memory
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, UserInputError):
         return
     phase = max(("training", "generation", "evaluation"), key=parts.get)
     hint = {"training": "try --micro-batch-tokens 8192, --gradient-checkpointing or --fsdp",
             "generation": "try fewer --prompts-per-step x --group-size per GPU (more GPUs)",
-            "evaluation": "try fewer --eval-prompts or --final-eval-samples (up to 1024 rows a batch)"}[phase]
+            "evaluation": "try fewer --eval-prompts or --final-eval-samples (up to 1024 rows a "
+                          "batch)"}[phase]
     if parts["peak"] > device_bytes and is_main():
         gib = {k: f"{v / 2**30:.0f} GiB" for k, v in parts.items()}
-        print(f"warning: estimated peak memory {gib['peak']} exceeds this GPU's {device_bytes / 2**30:.0f} "
-              f"GiB (static {gib['static']}, {phase} {gib[phase]}); {hint}", file=sys.stderr)
+        print(f"warning: estimated peak memory {gib['peak']} exceeds this GPU's "
+              f"{device_bytes / 2**30:.0f} GiB (static {gib['static']}, {phase} {gib[phase]}); "
+              f"{hint}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1450,7 +1497,7 @@ def _comm_device(x: torch.Tensor) -> torch.device:
 
 
 def _all_reduce(x: torch.Tensor, op: str) -> torch.Tensor:
-    """x reduced over all processes (a copy, on the device the backend needs), back on x's device."""
+    """x reduced over all processes (a copy, on the device the backend needs), on x's device."""
     if world_size() == 1:
         return x
     y = x.to(_comm_device(x), copy=True)
@@ -1500,7 +1547,8 @@ def shard(items: list) -> list:
     """This process's contiguous share of a global batch (all processes draw the same batch)."""
     n, r = world_size(), rank()
     if len(items) % n:
-        raise UserInputError(f"{len(items)} prompts per step cannot be split evenly over {n} processes")
+        raise UserInputError(f"{len(items)} prompts per step cannot be split evenly over {n} "
+                             "processes")
     share = len(items) // n
     return items[r * share:(r + 1) * share]
 
@@ -1536,14 +1584,16 @@ def data_parallel(model, fsdp: bool = False):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         dtype = getattr(model, "autocast_dtype", None)
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        precision = dict(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else {}
+        policy = MixedPrecisionPolicy(**precision)
         layer_classes = set(getattr(model, "_no_split_modules", None) or [])
         for module in model.modules():
             if type(module).__name__ in layer_classes:
                 fully_shard(module, mp_policy=policy)
         return fully_shard(model, mp_policy=policy)
     device = next(model.parameters()).device
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    device_ids = [device] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
 
 def micro_batches(rows: torch.Tensor, widths: torch.Tensor, max_rows: int, max_tokens: int = 0,
@@ -1591,7 +1641,10 @@ def mini_batch_parts(rows: torch.Tensor, n_mini_batches: int,
     counts = gather_lists([len(rows)])
     first = sum(counts[: rank()])  # global number of this process's first row
     n = sum(counts)
-    order = torch.arange(n) if seed is None else torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if seed is None:
+        order = torch.arange(n)
+    else:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     mine = [part[(part >= first) & (part < first + len(rows))].sort().values.to(rows.device) - first
             for part in order.tensor_split(n_mini_batches)]
     sizes = all_max(torch.tensor([len(part) for part in mine])).tolist()
@@ -1636,7 +1689,8 @@ CHECKPOINT_FILE = "checkpoint.pt"
 def rng_state() -> dict:
     """Every random state a run consumes: Python, NumPy, torch CPU (`generate`'s sampling) and CUDA.
     """
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -1656,7 +1710,8 @@ def full_state_dicts(model, optimizer=None) -> tuple[dict, dict | None]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_sd, optim_sd = get_state_dict(model, [optimizer] if optimizer is not None else [], options=options)
+    optimizers = [optimizer] if optimizer is not None else []
+    model_sd, optim_sd = get_state_dict(model, optimizers, options=options)
     return model_sd, (optim_sd if optimizer is not None else None)
 
 
@@ -1741,7 +1796,8 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, models: dict | None =
         RUN_STATE["checkpoint_step"] = step
         return path
     tmp = path.with_suffix(".tmp")
-    content = {"script": _script(), "step": step, "rng": states[0], "rng_per_process": states, **state}
+    content = {"script": _script(), "step": step, "rng": states[0], "rng_per_process": states,
+               **state}
     with disk_errors(run_dir, tmp), open(tmp, "wb") as f:
         torch.save({**content, "sha256": _digest(content).hexdigest()}, f)
         f.flush()
@@ -1767,17 +1823,18 @@ def load_checkpoint(run_dir: str | Path) -> dict:
     except Exception as exc:
         raise UserInputError(f"{corrupt} ({type(exc).__name__}); it cannot be resumed") from None
     if "sha256" not in checkpoint or "script" not in checkpoint:
-        raise UserInputError(f"checkpoint {path} carries no checksum (written by an older version of "
-                             "this code); it cannot be verified or resumed")
+        raise UserInputError(f"checkpoint {path} carries no checksum (written by an older version "
+                             "of this code); it cannot be verified or resumed")
     if checkpoint.pop("sha256") != _digest(checkpoint).hexdigest():
-        raise UserInputError(f"checkpoint {path} is corrupt (its checksum does not match its content); "
-                             "it cannot be resumed")
+        raise UserInputError(f"checkpoint {path} is corrupt (its checksum does not match its "
+                             "content); it cannot be resumed")
     if checkpoint["script"] != _script():
         raise UserInputError(f"checkpoint {path} was written by {checkpoint['script']}.py, not "
                              f"{_script()}.py; resume it with its own script")
     if len(states) != world_size():
-        raise UserInputError(f"checkpoint {path} was written by {len(states)} process(es); resume it "
-                             f"with as many (torchrun --nproc-per-node {len(states)}), not {world_size()}")
+        raise UserInputError(f"checkpoint {path} was written by {len(states)} process(es); resume "
+                             f"it with as many (torchrun --nproc-per-node {len(states)}), not "
+                             f"{world_size()}")
     try:
         set_rng_state(states[rank()])
     except Exception as exc:
@@ -1793,7 +1850,8 @@ def load_models(checkpoint: dict, models: dict) -> None:
     """
     if "shards" not in checkpoint:
         for name, (model, optimizer) in models.items():
-            load_full_state_dicts(model, optimizer, checkpoint[name], checkpoint[_optimizer_key(name)])
+            optimizer_sd = checkpoint[_optimizer_key(name)]
+            load_full_state_dicts(model, optimizer, checkpoint[name], optimizer_sd)
         return
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
@@ -1816,7 +1874,8 @@ def given_flags(args_class, argv: list[str] | None = None) -> set[str]:
     `--no-bf16`)."""
     fields = {f.replace("_", "-"): f for f in args_class.__dataclass_fields__}
     tokens = sys.argv[1:] if argv is None else argv
-    names = {token[2:].split("=")[0].replace("_", "-") for token in tokens if token.startswith("--")}
+    names = {token[2:].split("=")[0].replace("_", "-")
+             for token in tokens if token.startswith("--")}
     names |= {name[3:] for name in names if name.startswith("no-")}  # a boolean's negative form
     return {fields[name] for name in names if name in fields}
 
@@ -1834,14 +1893,16 @@ def resume_config(args, args_class, argv: list[str] | None = None):
         saved = json.loads(config_file.read_text())
         restored = args_class(**{**saved, "resume": args.resume})
     except (json.JSONDecodeError, TypeError) as exc:
-        raise UserInputError(f"cannot resume: {config_file} is not this script's config ({exc})") from None
+        raise UserInputError(f"cannot resume: {config_file} is not this script's config "
+                             f"({exc})") from None
     given = given_flags(args_class, argv) - {"resume", "num_steps"}
     changed = sorted(f for f in given if getattr(args, f) != getattr(restored, f))
     if changed:
         flag = "--" + changed[0].replace("_", "-")
+        given_value, saved_value = getattr(args, changed[0]), getattr(restored, changed[0])
         raise UserInputError(f"--resume keeps the run's own settings; {flag} was given "
-                             f"({getattr(args, changed[0])!r}, the run has {getattr(restored, changed[0])!r}); "
-                             "only --num-steps may change")
+                             f"({given_value!r}, the run has {saved_value!r}); only --num-steps "
+                             "may change")
     if "num_steps" in given_flags(args_class, argv):  # the resumed run goes to this step
         restored.num_steps = args.num_steps
     return restored
@@ -1854,11 +1915,15 @@ def save_pretrained(model, tokenizer, path: Path, dtype: str = "auto") -> None:
     the weights are gathered one tensor at a time onto rank 0's CPU, so host memory holds them once.
     """
     hf = unwrap(model)
-    dtype = (getattr(hf, "autocast_dtype", None) or torch.float32) if dtype == "auto" else getattr(torch, dtype)
+    if dtype == "auto":
+        dtype = getattr(hf, "autocast_dtype", None) or torch.float32
+    else:
+        dtype = getattr(torch, dtype)
     copies, weights = {}, {}  # copies by source tensor: tied weights stay one tensor
     for name, tensor in hf.state_dict(keep_vars=True).items():
         if id(tensor) not in copies:
-            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor  # FSDP: collective
+            # FSDP: full_tensor() is a collective
+            full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
             cast = dtype if full.is_floating_point() else full.dtype
             copies[id(tensor)] = full.detach().to("cpu", cast) if is_main() else None
         weights[name] = copies[id(tensor)]
@@ -1900,15 +1965,16 @@ class NonFiniteGuard:
     def check_weights(self, optimizer) -> None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         local = [(p.to_local() if hasattr(p, "to_local") else p).detach() for p in params]
-        largest = torch.stack([p.abs().amax().float() for p in local if p.numel()] or [torch.zeros(())])
+        maxima = [p.abs().amax().float() for p in local if p.numel()]
+        largest = torch.stack(maxima or [torch.zeros(())])
         bad = (~torch.isfinite(largest.amax())).float()  # nan stays nan through amax
         if not all_sum(bad).item():  # every process stops together (FSDP shards differ)
             return
         steps = [s["step"] for s in optimizer.state.values() if "step" in s]
         at = f"optimizer step {int(steps[0])}" if steps else "an optimizer step"
         lr = optimizer.param_groups[0]["lr"]
-        raise TrainingStopped(f"the weights are not finite after {at} (learning rate {lr} too large?); "
-                              f"stopping before they are saved: {where_to_resume()}")
+        raise TrainingStopped(f"the weights are not finite after {at} (learning rate {lr} too "
+                              f"large?); stopping before they are saved: {where_to_resume()}")
 
     def step_ok(self, grad_norm: torch.Tensor) -> bool:
         if torch.isfinite(grad_norm):
@@ -1917,8 +1983,8 @@ class NonFiniteGuard:
         self.skipped += 1
         self.in_a_row += 1
         if self.in_a_row >= self.patience:
-            raise TrainingStopped(f"{self.in_a_row} optimizer steps in a row had a non-finite loss or "
-                                  f"gradient; stopping: {where_to_resume()}")
+            raise TrainingStopped(f"{self.in_a_row} optimizer steps in a row had a non-finite "
+                                  f"loss or gradient; stopping: {where_to_resume()}")
         return False
 
 
@@ -1937,8 +2003,8 @@ class RunLogger:
         else:
             self.run_dir = Path(args.resume)
             if args.num_steps < resume_step:
-                raise UserInputError(f"--num-steps {args.num_steps} is below the run's checkpoint (step "
-                                     f"{resume_step}); a resumed run can only go on")
+                raise UserInputError(f"--num-steps {args.num_steps} is below the run's checkpoint "
+                                     f"(step {resume_step}); a resumed run can only go on")
         RUN_STATE.update(run_dir=self.run_dir, checkpoint_step=resume_step)
         self.args, self.metrics_file = args, None
         if self.enabled and resume_step is not None:
@@ -1959,8 +2025,8 @@ class RunLogger:
             import wandb
 
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity,
-                                    name=self.run_dir.name, config=self.config, dir=str(self.run_dir),
-                                    save_code=True)
+                                    name=self.run_dir.name, config=self.config,
+                                    dir=str(self.run_dir), save_code=True)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -1968,7 +2034,8 @@ class RunLogger:
         if self.metrics_file is None:
             self._start()
         numbers = (int, float, np.floating, torch.Tensor)
-        record = {"step": step, **{k: float(v) if isinstance(v, numbers) else v for k, v in metrics.items()}}
+        values = {k: float(v) if isinstance(v, numbers) else v for k, v in metrics.items()}
+        record = {"step": step, **values}
         with disk_errors(self.run_dir):  # a torn last line is dropped on resume (_record_step)
             self.metrics_file.write(json.dumps(record) + "\n")
             self.metrics_file.flush()
@@ -2005,8 +2072,8 @@ def _new_run_dir(output_dir: Path, name: str) -> str:
             return str(path)
         except FileExistsError:
             continue
-    raise UserInputError(f"could not make a new run folder {output_dir / name}: 10000 folders of that "
-                         "name exist")
+    raise UserInputError(f"could not make a new run folder {output_dir / name}: 10000 folders of "
+                         "that name exist")
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -2027,17 +2094,18 @@ def _record_step(line: str) -> float:
         return math.inf  # a line torn by a kill mid-write: drop it
 
 
-SUMMARY_KEYS = {"charts/accuracy": "acc", "charts/response_length_mean": "len", "losses/policy_loss": "loss",
-                "losses/entropy": "ent", "losses/cov": "cov", "losses/approx_kl": "kl~",
-                "losses/clipfrac": "clip", "time/step": "s"}
+SUMMARY_KEYS = {"charts/accuracy": "acc", "charts/response_length_mean": "len",
+                "losses/policy_loss": "loss", "losses/entropy": "ent", "losses/cov": "cov",
+                "losses/approx_kl": "kl~", "losses/clipfrac": "clip", "time/step": "s"}
 
 
 def summary_line(step: int, num_steps: int, metrics: dict) -> str:
     """One line per step: a fixed set of headline metrics, in a fixed order."""
     parts = [f"step {step}/{num_steps}"]
-    parts += [f"{short} {metrics[key]:.3g}" for key, short in SUMMARY_KEYS.items() if key in metrics]
+    parts += [f"{short} {metrics[key]:.3g}"
+              for key, short in SUMMARY_KEYS.items() if key in metrics]
     parts += [f"{key[len('eval/'):]} {value:.3f}" for key, value in metrics.items()
-              if key.startswith("eval/") and key.count("/") == 1]  # the trained task's, not subsets'
+              if key.startswith("eval/") and key.count("/") == 1]  # the trained task's only
     if "eval/second_skill/greedy_acc" in metrics:
         parts.append(f"second_skill greedy_acc {metrics['eval/second_skill/greedy_acc']:.3f}")
     return " | ".join(parts)
