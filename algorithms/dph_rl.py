@@ -50,7 +50,8 @@ from typing import Literal
 import torch
 import tyro
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # find common.py from any working directory
+# find common.py from any working directory
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import common  # noqa: E402
 
 
@@ -92,11 +93,11 @@ class Args:
     dataset: str = ""
     """gsm8k / math only: hub id or local folder of train and test files (default: the task's)"""
     max_new_tokens: int | None = None
-    """maximum response length in tokens (default: the task's own: countdown 32, gsm8k 512, math 1024)"""
+    """maximum response length in tokens (default: countdown 32, gsm8k 512, math 1024)"""
     max_prompt_length: int | None = None
-    """longer prompts are left out, with a count (default: the model's position limit minus the response length)"""
+    """longer prompts are left out, with a count (default: position limit - response length)"""
     temperature: float = 1.0
-    """sampling temperature for rollouts and sampled evaluation; logits are divided by it for every log-prob"""
+    """sampling temperature of rollouts and sampled evaluation; log-probs divide the logits by it"""
     top_p: float = 1.0
     """nucleus sampling threshold (1.0 = off)"""
     top_k: int = 0
@@ -353,7 +354,8 @@ if __name__ == "__main__":
     args.batch_size = args.prompts_per_step * args.group_size
     args.mini_batch_size = args.batch_size // args.num_mini_batches
     if args.group_size < 2:  # a violation is one line `error: --flag VALUE: why`, exit code 2
-        raise common.FlagError("group_size", args.group_size, "must be >= 2: the group is the baseline")
+        raise common.FlagError("group_size", args.group_size,
+                               "must be >= 2: the group is the baseline")
     if args.batch_size % args.num_mini_batches:
         raise common.FlagError("num_mini_batches", args.num_mini_batches,
                                f"must divide prompts_per_step x group_size = {args.batch_size}")
@@ -366,8 +368,9 @@ if __name__ == "__main__":
     # all draw the same prompts
     rank, world_size, device = common.init_distributed(args.cuda)
     if args.prompts_per_step % world_size or args.mini_batch_size % world_size:
-        raise common.FlagError("prompts_per_step", args.prompts_per_step, "it and each mini-batch "
-                               f"({args.mini_batch_size} responses) must split over {world_size} processes")
+        raise common.FlagError("prompts_per_step", args.prompts_per_step,
+                               f"it and each mini-batch ({args.mini_batch_size} responses) "
+                               f"must split over {world_size} processes")
     common.seed_everything(args.seed + rank, args.torch_deterministic)
 
     # ALGO LOGIC: every process takes an equal share of each rehearsal batch
@@ -379,7 +382,8 @@ if __name__ == "__main__":
     policy, tokenizer = common.load_model_and_tokenizer(args.model_name, device, args.bf16,
                                                         args.gradient_checkpointing)
     policy = common.data_parallel(policy, args.fsdp)
-    args.max_prompt_length = common.check_position_limit(policy, args)  # prompt + response fit the positions
+    # prompt + response fit the model's positions
+    args.max_prompt_length = common.check_position_limit(policy, args)
     task = common.get_task(args.task, args.dataset, tokenizer, args.max_prompt_length)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.learning_rate, weight_decay=0.0)
     train_items = task.train_items()
@@ -424,8 +428,8 @@ if __name__ == "__main__":
     else:
         pool = train_items[: args.pool_prompts]
         # (N,), (N,) over the whole pool
-        correct, pool_index, correct_responses = presample_pool(policy, tokenizer, task, pool,
-                                                                 args.presample_k, sampling=sampling)
+        correct, pool_index, correct_responses = presample_pool(
+            policy, tokenizer, task, pool, args.presample_k, sampling=sampling)
         in_rehearsal = split_pool(correct, pool_index, len(pool),
                                   args.rehearsal_threshold)  # (n_pool,)
         exploration_items = [item for item, keep in zip(pool, in_rehearsal.tolist()) if not keep]
