@@ -36,10 +36,10 @@ def test_jobs_base_first_then_shared_row_and_seed_flags():
     assert jobs[0].argv == ["python", "benchmarks/evaluate.py", "--samples", "128", "--temperature",
                             "0.5", "--exp-name", "base_T0.5", "--output-dir", "/out/base"]
     assert jobs[0].folder == Path("/out/base/base_T0.5")
+    # a row's script
     assert jobs[5].argv == ["python", "algorithms/grpo.py", "--num-steps", "200",
-                            "--num-mini-batches", "4", "--seed",
-                            # a row's script
-                            "2", "--exp-name", "grpo_4mb", "--output-dir", "/out/grpo_4mb/seed2"]
+                            "--num-mini-batches", "4", "--seed", "2", "--exp-name", "grpo_4mb",
+                            "--output-dir", "/out/grpo_4mb/seed2"]
 
 
 def test_quick_runs_one_seed_and_overrides_come_last():
@@ -67,8 +67,8 @@ def test_remaining_time_is_estimated_per_kind_of_job():
     start = run.time.time() - 120
     # one base evaluation took 60 s, one training run 240 s:
     # a base job and a training run remain, 2 workers
-    assert run.eta(start, [(base, 60.0), (row, 240.0)], [base, row2],
-                   2).endswith("~2 min remaining")
+    assert (run.eta(start, [(base, 60.0), (row, 240.0)], [base, row2], 2)
+            .endswith("~2 min remaining"))
     # none of its kind: the slowest
     assert run.eta(start, [(base, 60.0)], [row2], 1).endswith("~1 min remaining")
 
@@ -153,9 +153,8 @@ def write_result(folder, row, seed, mean, pass8, entropy, second=0.7, probe=True
     record = {"step": 200, "eval/greedy_acc": mean, "eval/mean@32": mean, "eval/pass@1": mean,
               "eval/pass@4": (mean + pass8) / 2, "eval/pass@8": pass8, "eval/distinct_correct": 1.5,
               "eval/second_skill/mean@32": second}
-    evals = [{**record, "step": 100, "eval/mean@32": mean - 0.01},
-             record] if not row.startswith("base") else \
-        [{**record, "step": 0}]
+    evals = ([{**record, "step": 100, "eval/mean@32": mean - 0.01}, record]
+             if not row.startswith("base") else [{**record, "step": 0}])
     probes = [[step, entropy + 0.1 * (200 - step) / 200, mean - 0.05 * (200 - step) / 200]
               for step in (0, 100, 200)]
     run = {"row": row, "seed": seed, "command": "python ...",

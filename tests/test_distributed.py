@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (ALGORITHMS, REPO_ROOT, assert_same_run, base_with_sampling_defaults,
-                      kill_after_first_checkpoint,
-                      process_share, records, run_distributed, run_on_fixed_rollouts, torchrun)
+                      kill_after_first_checkpoint, process_share, records, run_distributed,
+                      run_on_fixed_rollouts, torchrun)
 from transformers import AutoModelForCausalLM, GenerationConfig
 
 import common
@@ -178,8 +178,8 @@ def test_fsdp_with_token_budget_and_static_cache_follows_ddp(tmp_path):
     same responses, so their metrics agree (up to the float rounding of trimmed, differently reduced
     computations)."""
     runs = {}
-    for variant, flags in {"ddp": [], "fsdp": ["--fsdp", "--micro-batch-tokens", "64", "--rollout",
-                                               "static"]}.items():
+    for variant, flags in {"ddp": [], "fsdp": ["--fsdp", "--micro-batch-tokens", "64",
+                                               "--rollout", "static"]}.items():
         proc = torchrun(["algorithms/grpo.py", *FLAGS, "--output-dir", str(tmp_path / variant),
                          *flags])
         _, err = proc.communicate(timeout=600)
