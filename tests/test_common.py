@@ -21,7 +21,8 @@ def test_response_mask_includes_first_eos_when_pad_is_eos():
                              [1, 1, 1, 1, 1]])
     assert torch.equal(common.response_mask_from_ids(ids, [eos]), expected)
     # several EOS ids (instruction-tuned models): the first of any of them ends the response
-    assert common.response_mask_from_ids(torch.tensor([[5, 7, 9, 0]]), [0, 7]).tolist() == [[1, 1, 0, 0]]
+    assert (common.response_mask_from_ids(torch.tensor([[5, 7, 9, 0]]), [0, 7]).tolist()
+            == [[1, 1, 0, 0]])
 
 
 def _manual_logprobs(model, prompt, response, temperature):
@@ -30,7 +31,8 @@ def _manual_logprobs(model, prompt, response, temperature):
     logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1].float() / temperature
     log_probs = torch.log_softmax(logits, -1)
     probs = log_probs.exp()
-    return (log_probs.gather(-1, torch.tensor(response)[:, None]).squeeze(-1), -(probs * log_probs).sum(-1),
+    return (log_probs.gather(-1, torch.tensor(response)[:, None]).squeeze(-1),
+            -(probs * log_probs).sum(-1),
             log_probs.mean(-1))
 
 
@@ -42,11 +44,13 @@ def test_response_logprobs_match_unpadded_computation(random_model, temperature)
     responses = [[10, 11, 12], [13, 14, 15]]
     P = max(map(len, prompts))
     input_ids = torch.tensor([[pad] * (P - len(p)) + p + r for p, r in zip(prompts, responses)])
-    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(r)) for p, r in zip(prompts, responses)])
+    attention_mask = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(r))
+                                   for p, r in zip(prompts, responses)])
     with torch.no_grad():
-        full = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True,
-                                        with_vocab_mean=True)
-        chunked = common.response_logprobs(model, input_ids, attention_mask, 3, temperature, with_entropy=True,
+        full = common.response_logprobs(model, input_ids, attention_mask, 3, temperature,
+                                        with_entropy=True, with_vocab_mean=True)
+        chunked = common.response_logprobs(model, input_ids, attention_mask, 3, temperature,
+                                           with_entropy=True,
                                            with_vocab_mean=True, micro_batch_size=1)
         for row, (p, r) in enumerate(zip(prompts, responses)):
             ref_logp, ref_entropy, ref_vocab_mean = _manual_logprobs(model, p, r, temperature)
@@ -60,9 +64,12 @@ def test_response_logprobs_match_unpadded_computation(random_model, temperature)
 def test_gradient_reaches_logp_and_entropy_only_when_asked(random_model):
     model, _ = random_model
     ids = torch.tensor([[3, 4, 5, 6]])
-    stats = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True, with_vocab_mean=True)
-    assert stats.logp.requires_grad and not stats.entropy.requires_grad and not stats.vocab_mean.requires_grad
-    stats = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True, entropy_grad=True)
+    stats = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True,
+                                     with_vocab_mean=True)
+    assert (stats.logp.requires_grad and not stats.entropy.requires_grad
+            and not stats.vocab_mean.requires_grad)
+    stats = common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True,
+                                     entropy_grad=True)
     assert stats.entropy.requires_grad and stats.vocab_mean is None
     with torch.no_grad():
         assert not common.response_logprobs(model, ids, torch.ones_like(ids), 2, with_entropy=True,
@@ -95,7 +102,8 @@ def test_embedded_tokenizer_round_trip(embedded):
 
 
 def test_reloaded_embedded_model_solves_countdown(embedded):
-    """Catches a tokenizer or weights that do not survive save -> from_pretrained (a broken reload scores ~0%)."""
+    """Catches a tokenizer or weights that do not survive save
+    -> from_pretrained (a broken reload scores ~0%)."""
     model, tokenizer = embedded
     task = common.get_task("countdown")
     metrics = common.evaluate(model, tokenizer, task, task.items("test")[:64], 0,
@@ -110,7 +118,8 @@ def test_rollout_contract(embedded):
     ro = common.rollout(model, tokenizer, prompts, group_size=4, sampling=common.Sampling(12))
     B, T = ro.response_ids.shape
     assert B == 12 and ro.prompt_index.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert ro.input_ids.shape == (B, ro.prompt_len + T) and torch.equal(ro.input_ids[:, ro.prompt_len:], ro.response_ids)
+    assert (ro.input_ids.shape == (B, ro.prompt_len + T)
+            and torch.equal(ro.input_ids[:, ro.prompt_len:], ro.response_ids))
     lengths = ro.response_mask.sum(-1)
     for b in range(B):
         if ro.truncated[b]:
@@ -118,7 +127,8 @@ def test_rollout_contract(embedded):
         else:  # the first EOS is the last token inside the mask, though pad == eos
             assert ro.response_ids[b, lengths[b] - 1] == tokenizer.eos_token_id
             assert tokenizer.eos_token_id not in ro.response_ids[b, : lengths[b] - 1].tolist()
-        assert ro.texts[b] == tokenizer.decode(ro.response_ids[b, : lengths[b]], skip_special_tokens=True)
+        assert (ro.texts[b]
+                == tokenizer.decode(ro.response_ids[b, : lengths[b]], skip_special_tokens=True))
 
 
 def test_rollout_ignores_sampling_defaults_shipped_with_a_model(embedded):
@@ -137,16 +147,22 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
 def test_evaluate_reports_every_metric_and_each_subset(embedded):
     model, tokenizer = embedded
     task = common.get_task("countdown")
-    items = task.eval_items("test", 8)  # 4 one-solution and 4 several-solution prompts, then 4 of the second skill
+    # 4 one-solution and 4 several-solution prompts, then 4 of the second skill
+    items = task.eval_items("test", 8)
     torch.manual_seed(0)
-    metrics = common.evaluate(model, tokenizer, task, items, 4, sampling=common.Sampling(task.max_new_tokens))
+    metrics = common.evaluate(model, tokenizer, task, items, 4,
+                              sampling=common.Sampling(task.max_new_tokens))
     names = ["greedy_acc", "mean@4", "pass@1", "pass@2", "pass@4", "distinct_correct"]
     prefixes = ["", "one_solution/", "several_solutions/", "second_skill/"]
     assert set(metrics) == {f"eval/{prefix}{name}" for prefix in prefixes for name in names}
-    assert metrics["eval/pass@1"] == pytest.approx(metrics["eval/mean@4"])  # pass@1 is the mean accuracy
+    # pass@1 is the mean accuracy
+    assert metrics["eval/pass@1"] == pytest.approx(metrics["eval/mean@4"])
     assert metrics["eval/pass@1"] <= metrics["eval/pass@2"] <= metrics["eval/pass@4"]
-    assert 0 <= metrics["eval/distinct_correct"] <= 4 and metrics["eval/one_solution/distinct_correct"] <= 1
-    for name in names:  # the trained task's metrics cover its own prompts only: the mean of its two equal halves
+    assert (0 <= metrics["eval/distinct_correct"] <= 4
+            and metrics["eval/one_solution/distinct_correct"] <= 1)
+    # the trained task's metrics cover its own prompts only: the mean of its two equal halves
+    for name in names:
         halves = metrics[f"eval/one_solution/{name}"] + metrics[f"eval/several_solutions/{name}"]
         assert metrics[f"eval/{name}"] == pytest.approx(halves / 2)
-    assert metrics["eval/second_skill/mean@4"] > metrics["eval/mean@4"]  # the base computes far better than it searches
+    # the base computes far better than it searches
+    assert metrics["eval/second_skill/mean@4"] > metrics["eval/mean@4"]

@@ -1,5 +1,6 @@
-"""The countdown tasks: verifier tables (steps and expressions), canonical forms and distinct solutions, the committed
-splits (disjoint, balanced, regenerated exactly by benchmarks/countdown_data.py), data order."""
+"""The countdown tasks: verifier tables (steps and expressions), canonical forms and distinct
+solutions, the committed splits (disjoint, balanced, regenerated exactly by
+benchmarks/countdown_data.py), data order."""
 
 import json
 import random
@@ -22,7 +23,8 @@ STEP_CASES = [
     (" 3 * 5 = 15 , 15 + 7 = 22 ", True, True),  # spaces are fine
     ("3\u00d75=15,15+7=22", True, True),  # unicode times sign
     ("<answer>3*5=15,15+7=22</answer>", True, True),  # tagged answer (instruction-tuned models)
-    ("1+2=3 <answer>3+5=8</answer> <answer>3*5=15,15+7=22</answer>", True, True),  # the last tag counts
+    # the last tag counts
+    ("1+2=3 <answer>3+5=8</answer> <answer>3*5=15,15+7=22</answer>", True, True),
     ("3*5=015,015+7=22", True, True),  # a leading zero is the same number
     ("3*5=15,15+7=22" + " " * 300, True, True),  # trailing white space is harmless
     ("3*5=15,15+7=23", False, True),  # the last step's arithmetic is wrong
@@ -94,8 +96,8 @@ def test_expression_fractions_on_the_way_are_exact():
 
 
 def test_chained_steps_read_an_operand_as_the_latest_equal_result():
-    # 2+4 makes a second 6: either reading uses every number once, so the answer is correct; the tree reads the
-    # chained one (the product of the computed 6 and 3), plus the given 6.
+    # 2+4 makes a second 6: either reading uses every number once, so the answer is correct; the
+    # tree reads the chained one (the product of the computed 6 and 3), plus the given 6.
     answer = "2+4=6,6*3=18,18+6=24"
     assert common.verify_countdown([6, 2, 4, 3], 24, answer) == (True, True)
     assert common.parse_countdown(answer)[1] == ("+", ("*", ("+", 2, 4), 3), 6)
@@ -107,22 +109,29 @@ def key(answer: str, steps: bool = True) -> str:
 
 def test_canonical_form_is_blind_to_commutation_and_associativity_only():
     assert key("13+17=30,30/5=6") == key("17+13=30,30/5=6") == key("(13+17)/5", steps=False)
-    assert key("1+2=3,3+4=7") == key("2+4=6,1+6=7") == key("4+1=5,5+2=7")  # (1+2)+4, 1+(2+4), (4+1)+2
-    assert key("9-(4-2)", steps=False) == key("9+2-4", steps=False) == key("4-2=2,9-2=7") != key("9-4=5,5-2=3")
+    # (1+2)+4, 1+(2+4), (4+1)+2
+    assert key("1+2=3,3+4=7") == key("2+4=6,1+6=7") == key("4+1=5,5+2=7")
+    assert (key("9-(4-2)", steps=False) == key("9+2-4", steps=False) == key("4-2=2,9-2=7")
+            != key("9-4=5,5-2=3"))
     assert key("8*3/4", steps=False) == key("8/4*3", steps=False) == key("8*(3/4)", steps=False)
     assert key("2*3=6,6+4=10") != key("3+4=7,2*7=14") != key("2*4=8,8+3=11")
-    assert key("5*1=5", steps=True) != key("5/1=5", steps=True)  # different operations stay different
+    # different operations stay different
+    assert key("5*1=5", steps=True) != key("5/1=5", steps=True)
 
 
 def test_counts_of_distinct_solutions_match_hand_counts():
-    # 6 from 1 2 3: 1+2+3, 1*2*3, 2*3/1 (and their reorderings); 6 from 17 13 5: only (13+17)/5; 22 from 3 5 7: 3*5+7.
+    # 6 from 1 2 3: 1+2+3, 1*2*3, 2*3/1 (and their reorderings);
+    # 6 from 17 13 5: only (13+17)/5; 22 from 3 5 7: 3*5+7.
     for nums, target, hand_count in (([1, 2, 3], 6, 3), ([17, 13, 5], 6, 1), ([3, 5, 7], 22, 1)):
         groups = countdown_data.solutions(nums, target)
         assert len(groups) == hand_count
         rng = random.Random(0)
-        renderings = [countdown_data.render_steps(tree, rng) for trees in groups.values() for tree in trees for _ in range(8)]
-        assert all(common.verify_countdown(nums, target, text) == (True, True) for text in renderings)
-        assert len({key(text) for text in renderings}) == hand_count  # what eval/distinct_correct counts
+        renderings = [countdown_data.render_steps(tree, rng) for trees in groups.values()
+                      for tree in trees for _ in range(8)]
+        assert all(common.verify_countdown(nums, target, text) == (True, True)
+                   for text in renderings)
+        # what eval/distinct_correct counts
+        assert len({key(text) for text in renderings}) == hand_count
 
 
 @pytest.mark.slow
@@ -132,23 +141,31 @@ def test_committed_splits_are_regenerated_exactly_disjoint_and_balanced():
         keys = {}
         for split, rows in splits.items():
             path = REPO_ROOT / "benchmarks" / "data" / name / f"{split}.jsonl"
-            assert [json.loads(line) for line in path.read_text().splitlines()] == rows, (name, split)
-            keys[split] = {countdown_data.instance_key(r) for r in rows}  # numbers and target, or the expression
+            assert [json.loads(line)
+                    for line in path.read_text().splitlines()] == rows, (name, split)
+            # numbers and target, or the expression
+            keys[split] = {countdown_data.instance_key(r) for r in rows}
             assert len(keys[split]) == len(rows)
             levels = dict(spec.levels)  # how many numbers -> the largest
-            lowest = 0 if spec.arithmetic else 1  # an expression may be worth 0; a target to reach is at least 1
-            assert all(max(r["nums"]) <= levels[len(r["nums"])] and lowest <= r["target"] <= spec.max_target for r in rows)
-            assert all(common.verify_countdown(r["nums"], r["target"], r["expression"], steps=False)[0]
+            # an expression may be worth 0; a target to reach is at least 1
+            lowest = 0 if spec.arithmetic else 1
+            assert all(max(r["nums"]) <= levels[len(r["nums"])]
+                       and lowest <= r["target"] <= spec.max_target for r in rows)
+            assert all(common.verify_countdown(r["nums"], r["target"], r["expression"],
+                                               steps=False)[0]
                        for r in rows if "expression" in r)
         for a, b in ((a, b) for a in keys for b in keys if a < b):
             assert not keys[a] & keys[b], (name, a, b)
         for split in ("test", "val") if not spec.arithmetic else ():
             subsets = [r["subset"] for r in splits[split]]
             assert subsets[:4] == ["one_solution", "several_solutions"] * 2
-            assert subsets.count("one_solution") == subsets.count("several_solutions") == len(subsets) // 2
-            assert all((r["solutions"] == 1) == (r["subset"] == "one_solution") for r in splits[split])
+            assert (subsets.count("one_solution") == subsets.count("several_solutions")
+                    == len(subsets) // 2)
+            assert all((r["solutions"] == 1) == (r["subset"] == "one_solution")
+                       for r in splits[split])
     task = common.get_task("countdown")
-    assert len(task.items("train")) == 4000 and len(task.items("test")) == len(task.items("val")) == 512
+    assert (len(task.items("train")) == 4000
+            and len(task.items("test")) == len(task.items("val")) == 512)
 
 
 def test_eval_items_add_the_second_skill():
@@ -160,7 +177,8 @@ def test_eval_items_add_the_second_skill():
     assert arith.eval_items("test", 8) == arith.items("test")[:8]
     item = {"nums": [3, 5, 2], "target": 13, "expression": "3+5*2"}
     assert task.prompt(item) == "3+5*2=" and task.verify(item, "5*2=10,3+10=13") == (True, True)
-    assert task.verify(item, "3+5=8,8*2=16") == (False, True)  # computed in the wrong order: another value
+    # computed in the wrong order: another value
+    assert task.verify(item, "3+5=8,8*2=16") == (False, True)
 
 
 def test_prompt_format():
@@ -183,8 +201,8 @@ def test_prompt_sampler_is_seeded_and_covers_each_pass_once():
         common.PromptSampler([], 4, seed=0)
 
 
-# Property tests: the verifier never raises, always answers 0 or 1, accepts every correct answer we build, and the
-# canonical form does not depend on how a solution is written.
+# Property tests: the verifier never raises, always answers 0 or 1, accepts every correct answer we
+# build, and the canonical form does not depend on how a solution is written.
 from fractions import Fraction  # noqa: E402
 
 from hypothesis import given, settings  # noqa: E402
@@ -192,8 +210,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.integers(1, 20), min_size=1, max_size=4), st.integers(-50, 500), st.text(max_size=300),
-       st.booleans())
+@given(st.lists(st.integers(1, 20), min_size=1, max_size=4), st.integers(-50, 500),
+       st.text(max_size=300), st.booleans())
 def test_verifier_never_raises_on_any_text(nums, target, response, steps):
     correct, parsed = common.verify_countdown(nums, target, response, steps)
     assert isinstance(correct, bool) and isinstance(parsed, bool) and (parsed or not correct)
@@ -208,8 +226,9 @@ def test_verifier_never_raises_on_near_miss_answers(chars, steps):
 
 @st.composite
 def step_tree_over(draw, nums):
-    """A random expression tree over exactly these numbers whose intermediate results are non-negative integers (the
-    step rules), with its value; None when a drawn operation breaks the rules."""
+    """A random expression tree over exactly these numbers whose intermediate results are
+    non-negative integers (the step rules), with its value; None when a drawn operation breaks the
+    rules."""
     nodes = [(n, n) for n in nums]
     while len(nodes) > 1:
         i, j = draw(st.permutations(range(len(nodes))))[:2]
@@ -240,7 +259,8 @@ def test_every_constructed_solution_is_accepted_and_written_any_way_has_one_form
     tree, value = drawn
     _, results = _walk(tree)
     leaves = countdown_data.leaves(tree)
-    steps = results[:-1]  # a step value equal to a given number or to another step's: see the next test
+    # a step value equal to a given number or to another step's: see the next test
+    steps = results[:-1]
     ambiguous = bool(set(steps) & set(leaves)) or len(set(steps)) < len(steps)
     seed = data.draw(st.integers(0, 10**6))
     rng = random.Random(seed)
@@ -259,13 +279,15 @@ def test_every_constructed_solution_is_accepted_and_written_any_way_has_one_form
 
 
 def test_a_result_equal_to_an_unused_given_number_is_read_as_the_result():
-    # Known limitation, pinned: with 14 both given and a result, `1+14` after `2*7=14` is read as 1 + (2*7). Both
-    # orders of the same solution (2*7)*(1+14) are accepted, but one reads as (1+2*7)*14: another form, so
-    # distinct_correct can count one solution twice when it is written in both orders. Two steps with equal results
-    # are the same case: in `8+8=16,10+6=16,16/16=1` the later 16 is read first.
+    # Known limitation, pinned: with 14 both given and a result, `1+14` after `2*7=14` is read as 1
+    # + (2*7). Both orders of the same solution (2*7)*(1+14) are accepted, but one reads as
+    # (1+2*7)*14: another form, so
+    # distinct_correct can count one solution twice when it is written in both orders. Two steps
+    # with equal results are the same case: in `8+8=16,10+6=16,16/16=1` the later 16 is read first.
     nums = [1, 2, 7, 14]
     first, second = "2*7=14,1+14=15,14*15=210", "1+14=15,2*7=14,15*14=210"
-    assert common.verify_countdown(nums, 210, first) == common.verify_countdown(nums, 210, second) == (True, True)
+    assert (common.verify_countdown(nums, 210, first) == common.verify_countdown(nums, 210, second)
+            == (True, True))
     assert key(second) == common.canonical_form(("*", ("*", 2, 7), ("+", 1, 14)))
     assert key(first) == common.canonical_form(("*", ("+", 1, ("*", 2, 7)), 14)) != key(second)
 

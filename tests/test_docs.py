@@ -1,5 +1,6 @@
-"""The documentation's links resolve: every algorithm file's line-1 link names a heading of README.md, and every
-relative markdown link in README.md and benchmarks/ points at a file that exists (and at a heading of it, for .md)."""
+"""The documentation's links resolve: every algorithm file's line-1 link names a heading of
+README.md, and every relative markdown link in README.md and benchmarks/ points at a file that
+exists (and at a heading of it, for .md)."""
 
 import re
 from pathlib import Path
@@ -14,13 +15,15 @@ DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "benchmarks").rglob("*.md"
 
 
 def prose(text: str) -> str:
-    """The markdown without fenced code blocks (a `# comment` in a bash block is no heading) and inline code."""
+    """The markdown without fenced code blocks
+    (a `# comment` in a bash block is no heading) and inline code."""
     text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     return re.sub(r"`[^`\n]*`", lambda m: m.group(0).strip("`"), text)
 
 
 def anchor(heading: str) -> str:
-    """GitHub's anchor for a heading: markup gone, lower case, punctuation dropped, spaces to hyphens."""
+    """GitHub's anchor for a heading:
+    markup gone, lower case, punctuation dropped, spaces to hyphens."""
     text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)  # a link keeps its text
     text = re.sub(r"[^\w\- ]", "", text.strip().lower())
     return text.replace(" ", "-")
@@ -50,13 +53,15 @@ def test_line_1_link_names_a_readme_heading(name):
     first_line = (REPO_ROOT / "algorithms" / f"{name}.py").read_text().splitlines()[0]
     match = LINE_1.match(first_line)
     assert match, f"{name}.py line 1: {first_line!r}"
-    assert match.group(1) in anchors(REPO_ROOT / "README.md"), f"{name}.py line 1: no README heading #{match.group(1)}"
+    assert match.group(1) in anchors(REPO_ROOT / "README.md"), (
+        f"{name}.py line 1: no README heading #{match.group(1)}")
 
 
 @pytest.mark.parametrize("name", ALGORITHMS)
 def test_every_readme_anchor_in_an_algorithm_file_resolves(name):
     cited = set(README_ANCHOR.findall((REPO_ROOT / "algorithms" / f"{name}.py").read_text()))
-    assert cited and cited <= anchors(REPO_ROOT / "README.md"), sorted(cited - anchors(REPO_ROOT / "README.md"))
+    assert cited and cited <= anchors(REPO_ROOT / "README.md"), (
+        sorted(cited - anchors(REPO_ROOT / "README.md")))
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(REPO_ROOT)))

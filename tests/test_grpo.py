@@ -1,4 +1,5 @@
-"""GRPO math on hand-made tensors (values worked out by hand in the comments) and on-policy invariants."""
+"""GRPO math on hand-made tensors
+(values worked out by hand in the comments) and on-policy invariants."""
 
 import math
 
@@ -12,8 +13,10 @@ grpo = load_algorithm("grpo")
 
 
 def test_group_advantages_with_unbiased_std():
-    # mean 0.25; centred [0.75, -0.25, -0.25, -0.25]; unbiased var (0.5625 + 3 * 0.0625) / 3 = 0.25 -> std 0.5
-    adv, zero_std = grpo.grpo_advantages(torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0, 0, 0]), True)
+    # mean 0.25; centred [0.75, -0.25, -0.25, -0.25];
+    # unbiased var (0.5625 + 3 * 0.0625) / 3 = 0.25 -> std 0.5
+    adv, zero_std = grpo.grpo_advantages(torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0, 0, 0]),
+                                         True)
     torch.testing.assert_close(adv, torch.tensor([1.5, -0.5, -0.5, -0.5]), atol=1e-5, rtol=0)
     assert zero_std.tolist() == [False]
 
@@ -21,7 +24,8 @@ def test_group_advantages_with_unbiased_std():
 def test_group_advantages_without_scaling_and_equal_rewards():
     adv, _ = grpo.grpo_advantages(torch.tensor([1.0, 0, 0, 0]), torch.tensor([0, 0, 0, 0]), False)
     torch.testing.assert_close(adv, torch.tensor([0.75, -0.25, -0.25, -0.25]))
-    adv, zero_std = grpo.grpo_advantages(torch.tensor([1.0, 1, 0, 0]), torch.tensor([0, 0, 1, 1]), True)
+    adv, zero_std = grpo.grpo_advantages(torch.tensor([1.0, 1, 0, 0]), torch.tensor([0, 0, 1, 1]),
+                                         True)
     assert torch.equal(adv, torch.zeros(4)) and zero_std.tolist() == [True, True]
 
 
@@ -30,7 +34,8 @@ def test_groups_follow_prompt_index_not_position():
     rewards = torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 1])
     index = torch.tensor([0, 1, 0, 1, 0, 1, 0, 1])
     adv, _ = grpo.grpo_advantages(rewards, index, True)
-    torch.testing.assert_close(adv, torch.tensor([1.5, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5, 1.5]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(adv, torch.tensor([1.5, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5, 1.5]),
+                               atol=1e-5, rtol=0)
 
 
 TOKEN_LOSS = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -43,20 +48,24 @@ MASK = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     ("seq-mean-token-sum-norm", 18 / (2 * 3)),  # sum / (B * max_new_tokens), max_new_tokens = 3
 ])
 def test_loss_aggregation_modes(mode, expected):
-    assert grpo.aggregate_loss(TOKEN_LOSS, MASK, mode, max_new_tokens=3).item() == pytest.approx(expected)
+    assert (grpo.aggregate_loss(TOKEN_LOSS, MASK, mode, max_new_tokens=3).item()
+            == pytest.approx(expected))
     # micro-batched: one row at a time with the whole step's denominators sums to the same value
-    parts = [grpo.aggregate_loss(TOKEN_LOSS[i:i + 1], MASK[i:i + 1], mode, MASK.sum(), 2, 3) for i in range(2)]
+    parts = [grpo.aggregate_loss(TOKEN_LOSS[i:i + 1], MASK[i:i + 1], mode, MASK.sum(), 2, 3)
+             for i in range(2)]
     assert sum(parts).item() == pytest.approx(expected)
 
 
 def test_dr_grpo_normaliser_is_constant_in_length():
     # Dr. GRPO divides by max_new_tokens, not by the padded length of this batch
-    assert grpo.aggregate_loss(TOKEN_LOSS, MASK, "seq-mean-token-sum-norm", max_new_tokens=10).item() == pytest.approx(0.9)
+    assert (grpo.aggregate_loss(TOKEN_LOSS, MASK, "seq-mean-token-sum-norm",
+                                max_new_tokens=10).item() == pytest.approx(0.9))
 
 
 def test_k3_kl():
     logp, ref = torch.log(torch.tensor([0.5, 0.3])), torch.log(torch.tensor([0.25, 0.3]))
-    # d = log(0.25 / 0.5) = -log 2: exp(d) - d - 1 = 0.5 + log 2 - 1; identical log-probs give exactly 0
+    # d = log(0.25 / 0.5) = -log 2: exp(d) - d - 1 = 0.5 + log 2 - 1;
+    # identical log-probs give exactly 0
     torch.testing.assert_close(grpo.k3_kl(logp, ref), torch.tensor([math.log(2) - 0.5, 0.0]))
 
 
@@ -66,10 +75,12 @@ def test_ppo_clip_cases():
     adv = torch.tensor([1.0, -1.0, 1.0, 1.0])
     loss, ratio, clipped = grpo.ppo_clip_loss(logp, old, adv, 0.2, 0.2)
     # A>0, r=1.5: max(-1.5, -1.2) = -1.2 (clipped); A<0, r=0.5: max(0.5, 0.8) = 0.8 (clipped);
-    # A>0, r=0.5: max(-0.5, -0.8) = -0.5 (not clipped: pessimistic term); r=1.1 inside the range: -1.1
+    # A>0, r=0.5: max(-0.5, -0.8) = -0.5 (not clipped: pessimistic term);
+    # r=1.1 inside the range: -1.1
     torch.testing.assert_close(loss, torch.tensor([-1.2, 0.8, -0.5, -1.1]))
     assert clipped.tolist() == [True, True, False, False]
-    _, _, clipped_high = grpo.ppo_clip_loss(logp, old, adv, 0.2, 0.6)  # clip-higher lets r=1.5 through
+    # clip-higher lets r=1.5 through
+    _, _, clipped_high = grpo.ppo_clip_loss(logp, old, adv, 0.2, 0.6)
     assert clipped_high.tolist() == [False, True, False, False]
 
 
@@ -77,7 +88,8 @@ def test_first_on_policy_minibatch_has_ratio_one(random_model):
     model, tokenizer = random_model
     ro, mask, T = sample_batch(model, tokenizer)
     with torch.no_grad():
-        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T, micro_batch_size=3).logp
+        old_logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T,
+                                            micro_batch_size=3).logp
     logp = common.response_logprobs(model, ro.input_ids, ro.attention_mask, T).logp
     advantages = torch.randn(8)[:, None] * mask
     _, ratio, clipped = grpo.ppo_clip_loss(logp, old_logp, advantages, 0.2, 0.2)

@@ -1,4 +1,5 @@
-"""Checkpoints, RNG capture, resume bookkeeping, the non-finite guard and `save_pretrained` in common.py."""
+"""Checkpoints, RNG capture, resume bookkeeping,
+the non-finite guard and `save_pretrained` in common.py."""
 
 import json
 import random
@@ -16,7 +17,8 @@ import common
 
 
 def draw():
-    return random.random(), float(np.random.rand()), torch.rand(3).tolist(), torch.multinomial(torch.ones(50), 5).tolist()
+    return (random.random(), float(np.random.rand()), torch.rand(3).tolist(),
+            torch.multinomial(torch.ones(50), 5).tolist())
 
 
 def test_checkpoint_restores_every_random_state_and_the_sampler(tmp_path):
@@ -67,25 +69,33 @@ class ToyArgs:
 
 
 def test_resume_uses_the_saved_config_and_only_num_steps_from_the_command_line(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"output_dir": "x", "num_steps": 50, "learning_rate": 3e-4,
+    (tmp_path / "config.json").write_text(json.dumps({"output_dir": "x", "num_steps": 50,
+                                                      "learning_rate": 3e-4,
                                                       "resume": "", "track": False}))
     run = str(tmp_path)
     restored = common.resume_config(ToyArgs(resume=run), ToyArgs, ["--resume", run])
     assert (restored.learning_rate, restored.num_steps, restored.resume) == (3e-4, 50, run)
-    extended = common.resume_config(ToyArgs(num_steps=80, resume=run), ToyArgs, ["--resume", run, "--num-steps", "80"])
+    extended = common.resume_config(ToyArgs(num_steps=80, resume=run), ToyArgs,
+                                    ["--resume", run, "--num-steps", "80"])
     assert extended.num_steps == 80
     # --num-steps equal to the Args default (200) still extends: what counts is that it was given
-    to_default = common.resume_config(ToyArgs(resume=run), ToyArgs, ["--num_steps=200", "--resume", run])
+    to_default = common.resume_config(ToyArgs(resume=run), ToyArgs,
+                                      ["--num_steps=200", "--resume", run])
     assert to_default.num_steps == 200
-    # a flag given with the run's own value is fine; another value is refused in one line, naming the flag
-    same = common.resume_config(ToyArgs(learning_rate=3e-4, resume=run), ToyArgs, ["--learning-rate", "3e-4"])
+    # a flag given with the run's own value is fine;
+    # another value is refused in one line, naming the flag
+    same = common.resume_config(ToyArgs(learning_rate=3e-4, resume=run), ToyArgs,
+                                ["--learning-rate", "3e-4"])
     assert same.learning_rate == 3e-4
-    for argv, args, flag in ((["--learning-rate", "1.0"], ToyArgs(learning_rate=1.0, resume=run), "--learning-rate"),
+    for argv, args, flag in ((["--learning-rate", "1.0"], ToyArgs(learning_rate=1.0, resume=run),
+                              "--learning-rate"),
                              (["--track"], ToyArgs(track=True, resume=run), "--track"),
-                             (["--output_dir=y"], ToyArgs(output_dir="y", resume=run), "--output-dir")):
+                             (["--output_dir=y"], ToyArgs(output_dir="y", resume=run),
+                              "--output-dir")):
         with pytest.raises(common.UserInputError) as error:
             common.resume_config(args, ToyArgs, ["--resume", run, *argv])
-        assert str(error.value).startswith(f"--resume keeps the run's own settings; {flag} was given")
+        assert str(error.value).startswith(f"--resume keeps the run's own settings; {flag} was "
+                                           "given")
         assert "\n" not in str(error.value)
     assert common.resume_config(ToyArgs(), ToyArgs, []) == ToyArgs()  # no --resume: unchanged
     (tmp_path / "config.json").write_text(json.dumps({"unknown_field": 1}))
@@ -94,7 +104,8 @@ def test_resume_uses_the_saved_config_and_only_num_steps_from_the_command_line(t
 
 
 def test_given_flags_reads_every_spelling():
-    argv = ["--num-steps", "3", "--learning_rate=1", "--no-track", "--resume", "x", "--not-a-field", "5", "-h"]
+    argv = ["--num-steps", "3", "--learning_rate=1", "--no-track", "--resume", "x", "--not-a-field",
+            "5", "-h"]
     assert common.given_flags(ToyArgs, argv) == {"num_steps", "learning_rate", "track", "resume"}
 
 
@@ -106,10 +117,12 @@ def test_resumed_logger_drops_records_written_after_the_checkpoint(tmp_path):
     logger.close()
     with open(tmp_path / "run" / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "x"')  # torn by a kill mid-write
-    resumed = common.RunLogger(ToyArgs(output_dir=str(tmp_path), resume=str(tmp_path / "run")), "ignored", resume_step=3)
+    resumed = common.RunLogger(ToyArgs(output_dir=str(tmp_path), resume=str(tmp_path / "run")),
+                               "ignored", resume_step=3)
     resumed.log(4, {"x": 40})
     resumed.close()
-    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [json.loads(line)["step"]
+             for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 3, 4]
 
 
@@ -118,7 +131,8 @@ def test_non_finite_guard_skips_and_then_stops():
     assert guard.step_ok(torch.tensor(1.0))
     assert not guard.step_ok(torch.tensor(float("nan")))
     assert not guard.step_ok(torch.tensor(float("inf")))
-    assert guard.step_ok(torch.tensor(2.0)) and guard.in_a_row == 0 and guard.skipped == 2  # a good step resets
+    # a good step resets
+    assert guard.step_ok(torch.tensor(2.0)) and guard.in_a_row == 0 and guard.skipped == 2
     guard.step_ok(torch.tensor(float("nan")))
     guard.step_ok(torch.tensor(float("nan")))
     with pytest.raises(common.TrainingStopped, match="3 optimizer steps in a row"):
@@ -146,20 +160,24 @@ def test_saved_model_has_the_asked_dtype_and_the_base_generation_config(tmp_path
         for p in model.parameters():
             p.add_(0.01)  # stands in for training
     common.save_pretrained(model, tokenizer, tmp_path / "bf16", "bfloat16")
-    common.save_pretrained(model, tokenizer, tmp_path / "auto")  # trained in fp32 on the CPU: saved in fp32
+    # trained in fp32 on the CPU: saved in fp32
+    common.save_pretrained(model, tokenizer, tmp_path / "auto")
     for folder, dtype in (("bf16", torch.bfloat16), ("auto", torch.float32)):
         saved = AutoModelForCausalLM.from_pretrained(tmp_path / folder)
         for name, value in model.state_dict().items():
             assert torch.equal(saved.state_dict()[name], value.to(dtype)), (folder, name)
         generation = GenerationConfig.from_pretrained(tmp_path / folder)
-        assert generation.to_dict() == GenerationConfig.from_pretrained(base).to_dict() and generation.top_k == 20
+        assert (generation.to_dict() == GenerationConfig.from_pretrained(base).to_dict()
+                and generation.top_k == 20)
 
 
-# ---- run folders and resume files ------------------------------------------------------------------------------------
+# ---- run folders and resume files ----------------------------------------------------------------
 def test_every_run_gets_its_own_folder(tmp_path):
     args = ToyArgs(output_dir=str(tmp_path))
-    loggers = [common.RunLogger(args, "same-name") for _ in range(3)]  # as three runs started in the same second
-    assert [logger.run_dir.name for logger in loggers] == ["same-name", "same-name-2", "same-name-3"]
+    # as three runs started in the same second
+    loggers = [common.RunLogger(args, "same-name") for _ in range(3)]
+    assert ([logger.run_dir.name for logger in loggers]
+            == ["same-name", "same-name-2", "same-name-3"])
     for i, logger in enumerate(loggers):
         logger.log(0, {"x": i})
         logger.close()
@@ -175,10 +193,12 @@ def test_a_resume_killed_while_rewriting_its_files_leaves_them_intact(tmp_path, 
     before = {name: (run_dir / name).read_text() for name in ("config.json", "metrics.jsonl")}
 
     def killed(*_):
-        raise KeyboardInterrupt  # stands in for SIGKILL after the new file is written, before it replaces the old one
+        # stands in for SIGKILL after the new file is written, before it replaces the old one
+        raise KeyboardInterrupt
 
     monkeypatch.setattr(common.os, "replace", killed)
-    with pytest.raises(KeyboardInterrupt):  # the resume drops metrics.jsonl's records after the checkpoint
+    # the resume drops metrics.jsonl's records after the checkpoint
+    with pytest.raises(KeyboardInterrupt):
         common.RunLogger(ToyArgs(num_steps=9, resume=str(run_dir)), "run", resume_step=3)
     assert {name: (run_dir / name).read_text() for name in before} == before
     monkeypatch.undo()
@@ -190,7 +210,9 @@ def test_a_resume_killed_while_rewriting_its_files_leaves_them_intact(tmp_path, 
     monkeypatch.undo()
     resumed.log(4, {"x": 4})
     resumed.close()
-    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [0, 1, 2, 3, 4]
+    assert ([r["step"]
+             for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+            == [0, 1, 2, 3, 4])
     assert json.loads((run_dir / "config.json").read_text())["num_steps"] == 9
     with pytest.raises(common.UserInputError, match="--num-steps 2 is below the run's checkpoint"):
         common.RunLogger(ToyArgs(num_steps=2, resume=str(run_dir)), "run", resume_step=3)
@@ -215,7 +237,8 @@ def test_a_flipped_byte_in_a_checkpoint_never_resumes_silently(tmp_path):
             if position == inside_weights:
                 assert "checksum does not match" in str(error)
             continue
-        outcomes["loaded"] += 1  # a byte nothing reads (zip padding, a name field): the content must be unchanged
+        # a byte nothing reads (zip padding, a name field): the content must be unchanged
+        outcomes["loaded"] += 1
         assert torch.equal(checkpoint["weights"], weights) and checkpoint["sampler"] == {"pos": 3}
     assert outcomes["checksum"] >= 1 and outcomes["corrupt"] >= 1, outcomes
 
@@ -225,10 +248,12 @@ def test_a_checkpoint_of_another_script_or_version_is_refused(tmp_path, monkeypa
     common.save_checkpoint(tmp_path, 1, {"weights": torch.ones(2)})
     assert common.load_checkpoint(tmp_path)["script"] == "grpo"
     monkeypatch.setattr(sys, "argv", ["algorithms/prime.py"])
-    with pytest.raises(common.UserInputError, match=r"written by grpo.py, not prime.py; resume it with its own script"):
+    with pytest.raises(common.UserInputError,
+                       match=r"written by grpo.py, not prime.py; resume it with its own script"):
         common.load_checkpoint(tmp_path)
     old = torch.load(tmp_path / common.CHECKPOINT_FILE, weights_only=False)
     del old["sha256"], old["script"]
     torch.save(old, tmp_path / common.CHECKPOINT_FILE)
-    with pytest.raises(common.UserInputError, match="carries no checksum .written by an older version"):
+    with pytest.raises(common.UserInputError,
+                       match="carries no checksum .written by an older version"):
         common.load_checkpoint(tmp_path)
