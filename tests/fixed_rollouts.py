@@ -5,8 +5,8 @@ makes outside generation.
     python tests/fixed_rollouts.py OUT.json algorithms/grpo.py --flags ... \
         [:: algorithms/prime.py --flags ...]
 
-(also under `torchrun`). Each script runs as `__main__` in this interpreter, one after the other,
-with
+(also under `torchrun`). Each script runs as `__main__` in this interpreter, one after the
+other, with
 - `common.rollout` replaced: every prompt gets responses drawn from a generator seeded by the
   prompt's text alone (random tokens, random lengths, some truncated), whatever process samples it
   and whatever else is in the batch;
