@@ -1,18 +1,22 @@
-"""The embedded benchmark's instances, drawn once and committed to benchmarks/data/ (see its README).
+"""The embedded benchmark's instances, drawn once and committed to benchmarks/data/ (see its
+README).
 
-    python benchmarks/countdown_data.py       # rewrites benchmarks/data/countdown/ and benchmarks/data/arith/
+    # rewrites benchmarks/data/countdown/ and benchmarks/data/arith/
+    python benchmarks/countdown_data.py
 
-countdown: an instance draws its level (how many numbers, the largest), then its numbers uniformly, then its target
-uniformly among the values in 1..max_target that the numbers reach under the step rules of `common.verify_countdown`
-(every intermediate result a non-negative integer, written out), so every instance has a solution whose step answer
-fits the generation length. arith: a random expression whose every intermediate result is a non-negative integer.
-The splits are disjoint (by sorted numbers and target, or by expression), taken in this order from one seeded stream:
-- test and val (512 each): for countdown, half with exactly one solution up to commutation and associativity
-  (`subset` one_solution), half with several (several_solutions), interleaved. Val is for tuning, test for reported
-  numbers.
+countdown: an instance draws its level (how many numbers, the largest), then its numbers uniformly,
+then its target uniformly among the values in 1..max_target that the numbers reach under the step
+rules of `common.verify_countdown` (every intermediate result a non-negative integer, written out),
+so every instance has a solution whose step answer fits the generation length. arith: a random
+expression whose every intermediate result is a non-negative integer. The splits are disjoint (by
+sorted numbers and target, or by expression), taken in this order from one seeded stream:
+- test and val (512 each): for countdown, half with exactly one solution up to commutation and
+  associativity (`subset` one_solution), half with several (several_solutions), interleaved. Val is
+  for tuning, test for reported numbers.
 - train: the prompts RL trains on.
 - sft: the supervised examples of the base model (benchmarks/make_tiny_base.py); RL never sees them.
-countdown rows also hold `solutions`, the number of distinct solutions up to commutation and associativity.
+countdown rows also hold `solutions`, the number of distinct solutions up to commutation and
+associativity.
 """
 import json
 import random
@@ -32,7 +36,8 @@ DATA = Path(__file__).resolve().parent / "data"
 class Spec:
     name: str
     levels: tuple[tuple[int, int], ...]
-    """(how many numbers, largest number) of each difficulty level; an instance draws its level uniformly"""
+    """(how many numbers, largest number) of each difficulty level; an instance draws its level
+    uniformly"""
     max_target: int
     n_train: int = 4000
     n_sft: int = 30000
@@ -45,26 +50,28 @@ class Spec:
 
 
 SPECS = {
-    # Three levels: two numbers (one operation to find: easy), three, four (hard). Two numbers up to 20 would make
-    # only ~600 instances, too few for four disjoint splits, so they go up to 99. Four numbers stop at 10: up to 20,
-    # their three-step answers (3-digit intermediate results) made a training step ~2.2x as slow as the previous
-    # task's; three numbers go up to 30, which keeps enough prompts the base model cannot solve (pass@64 <= 0.95).
+    # Three levels: two numbers (one operation to find: easy), three, four (hard). Two numbers up to
+    # 20 would make only ~600 instances, too few for four disjoint splits, so they go up to 99. Four
+    # numbers stop at 10: up to 20, their three-step answers (3-digit intermediate results) made a
+    # training step ~2.2x as slow as the previous task's; three numbers go up to 30, which keeps
+    # enough prompts the base model cannot solve (pass@64 <= 0.95).
     "countdown": Spec("countdown", levels=((2, 99), (3, 30), (4, 10)), max_target=200),
     "arith": Spec("arith", levels=((3, 20),), max_target=400, arithmetic=True),
 }
 
 
 def step_value(op: str, a: int, b: int) -> int | None:
-    """a op b if it is a non-negative integer (a result the step rules can write), else None: the verifier's
-    arithmetic (`common._apply`), so instances and checks cannot disagree."""
+    """a op b if it is a non-negative integer (a result the step rules can write), else None: the
+    verifier's arithmetic (`common._apply`), so instances and checks cannot disagree."""
     value = common._apply(op, Fraction(a), Fraction(b))
     return int(value) if value is not None and value >= 0 and value.denominator == 1 else None
 
 
 @lru_cache(maxsize=None)
 def step_trees(nums: tuple[int, ...]) -> list[tuple[int, object]]:
-    """Every expression tree over all of `nums` (sorted) whose intermediate results are non-negative integers, as
-    `(value, tree)`: a dynamic programme over subsets. + and * appear once per unordered pair of operands."""
+    """Every expression tree over all of `nums` (sorted) whose intermediate results are non-negative
+    integers, as `(value, tree)`: a dynamic programme over subsets. + and * appear once per
+    unordered pair of operands."""
     full = (1 << len(nums)) - 1
     table = {1 << i: [(n, n)] for i, n in enumerate(nums)}
     for subset in range(1, full + 1):
@@ -86,8 +93,8 @@ def step_trees(nums: tuple[int, ...]) -> list[tuple[int, object]]:
 
 
 def render_steps(tree, rng: random.Random | None = None) -> str:
-    """The step answer of a tree (`13+17=30,30/5=6`); with `rng`, a random one of its equivalent renderings (which
-    side of an operation is computed first, the operand order of + and *)."""
+    """The step answer of a tree (`13+17=30,30/5=6`); with `rng`, a random one of its equivalent
+    renderings (which side of an operation is computed first, the operand order of + and *)."""
     steps = []
 
     def emit(node) -> int:
@@ -111,7 +118,8 @@ def render_steps(tree, rng: random.Random | None = None) -> str:
 
 
 def solutions(nums: list[int], target: int) -> dict[str, list]:
-    """Every solution tree of an instance, grouped by canonical form (commutation and associativity)."""
+    """Every solution tree of an instance, grouped by canonical form (commutation and
+    associativity)."""
     groups: dict[str, list] = {}
     for value, tree in step_trees(tuple(sorted(nums))):
         if value == target:
@@ -123,7 +131,8 @@ def solutions(nums: list[int], target: int) -> dict[str, list]:
 def reachable_targets(spec: Spec, nums: tuple[int, ...]) -> list[int]:
     """The targets in 1..max_target that `nums` (sorted) reach with a step answer short enough."""
     return sorted({value for value, tree in step_trees(nums)
-                   if 1 <= value <= spec.max_target and len(render_steps(tree)) <= spec.max_answer_chars})
+                   if 1 <= value <= spec.max_target
+                   and len(render_steps(tree)) <= spec.max_answer_chars})
 
 
 def render_expression(tree, parent: str = "", right: bool = False) -> str:
@@ -132,7 +141,8 @@ def render_expression(tree, parent: str = "", right: bool = False) -> str:
         return str(tree)
     op, a, b = tree
     text = f"{render_expression(a, op)}{op}{render_expression(b, op, right=True)}"
-    outer, inner = {"+": 1, "-": 1, "*": 2, "/": 2}.get(parent, 0), {"+": 1, "-": 1, "*": 2, "/": 2}[op]
+    outer, inner = ({"+": 1, "-": 1, "*": 2, "/": 2}.get(parent, 0),
+                    {"+": 1, "-": 1, "*": 2, "/": 2}[op])
     return f"({text})" if inner < outer or (inner == outer and right and parent in "-/") else text
 
 
@@ -142,7 +152,8 @@ def leaves(tree) -> list[int]:
 
 
 def draw_expression(spec: Spec, rng: random.Random) -> dict:
-    """A random expression over random numbers whose every intermediate result is a non-negative integer."""
+    """A random expression over random numbers whose every intermediate result is a non-negative
+    integer."""
     while True:
         n_numbers, max_number = rng.choice(spec.levels)
         nodes = [rng.randint(1, max_number) for _ in range(n_numbers)]
@@ -155,9 +166,11 @@ def draw_expression(spec: Spec, rng: random.Random) -> dict:
                 break
             nodes = [n for k, n in enumerate(nodes) if k not in (i, j)] + [(op, nodes[i], nodes[j])]
             values = [v for k, v in enumerate(values) if k not in (i, j)] + [value]
-        if len(nodes) == 1 and values[0] <= spec.max_target and len(render_steps(nodes[0])) <= spec.max_answer_chars:
+        if (len(nodes) == 1 and values[0] <= spec.max_target
+                and len(render_steps(nodes[0])) <= spec.max_answer_chars):
             tree = nodes[0]
-            return {"nums": leaves(tree), "target": values[0], "expression": render_expression(tree)}
+            return {"nums": leaves(tree), "target": values[0],
+                    "expression": render_expression(tree)}
 
 
 def draw_instance(spec: Spec, rng: random.Random) -> dict:
@@ -172,7 +185,8 @@ def draw_instance(spec: Spec, rng: random.Random) -> dict:
 
 
 def instance_key(item: dict):
-    """What makes two instances the same: the expression to compute, or the sorted numbers and the target."""
+    """What makes two instances the same: the expression to compute, or the sorted numbers and the
+    target."""
     return item.get("expression") or (tuple(sorted(item["nums"])), item["target"])
 
 
@@ -190,7 +204,8 @@ def make_splits(spec: Spec) -> dict[str, list[dict]]:
                 continue
             if not spec.arithmetic:
                 item["solutions"] = len(solutions(item["nums"], item["target"]))
-            subset = "" if "" in subsets else "one_solution" if item["solutions"] == 1 else "several_solutions"
+            subset = ("" if "" in subsets
+                      else "one_solution" if item["solutions"] == 1 else "several_solutions")
             if len(subsets[subset]) < size // len(subsets):
                 subsets[subset].append({**item, "subset": subset} if subset else item)
                 seen.add(instance_key(item))
