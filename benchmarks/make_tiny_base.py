@@ -72,23 +72,19 @@ class Args:
     eval_every: int = 500
     """greedy accuracy on 256 val prompts every this many steps"""
     eval_samples: int = 128
-    ("samples per test prompt for the final mean@n / pass@k (n > 64 gives pass@64 a "
-     "lower-variance estimate)")
+    """samples per test prompt for the final mean@n / pass@k (n > 64: a steadier pass@64)"""
     pool_prompts: int = 2000
     """train prompts for the rehearsal share (dph_rl.py's --pool-prompts)"""
     presample_k: int = 8
-    ("samples per pool prompt; solved k/k = rehearsal (dph_rl.py's --presample-k and "
-     "--rehearsal-threshold)")
+    """samples per pool prompt; k/k solved = rehearsal (dph_rl.py's --presample-k)"""
     pair_prompts: int = 512
     """train prompts for EM-RL's ranking check (8 samples each)"""
     prime_steps: int = 40
-    ("steps of each prime.py run (its defaults) from the saved model, for the PRM's ranking "
-     "accuracy (0: skip)")
+    """steps of each prime.py run (its defaults) from the saved model, for PRM accuracy (0: skip)"""
     prime_seeds: int = 3
     """prime.py runs (seeds 1..n) averaged: one run's ranking accuracy varies by run"""
     measure_only: bool = False
-    ("skip training: re-measure the model already in --out (same numbers as a full build, which "
-     "reseeds before measuring)")
+    """skip training: re-measure the model in --out (a full build reseeds: same numbers)"""
 
 
 VOCAB = ["<eos>", "<unk>"] + list("0123456789+-*/() >:=,")

@@ -79,13 +79,11 @@ class Args:
     sizes: list[str] = field(default_factory=lambda: ["qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-7b"])
     """configurations to measure (keys of QWEN)"""
     rows: int = 16
-    ("rows of every training pass (16: _LogitStats runs 16 chunks at both lengths, so the op "
-     "sequences align)")
+    """rows of every training pass (16: _LogitStats runs 16 chunks at both lengths)"""
     lengths: tuple[int, int] = (8, 16)
     """prompt = response tokens per row of the two training passes"""
     logits_lengths: tuple[int, int] = (255, 511)
-    ("response tokens per row of the two passes of the logits measurement (8 rows: past the "
-     "LOGITS_CHUNK cap)")
+    """response tokens per row of the logits measurement's two passes (8 rows each)"""
     out: str = "benchmarks/results/memory.md"
     """where the markdown goes (the JSON next to it)"""
 

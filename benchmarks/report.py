@@ -33,8 +33,7 @@ class Args:
     suite: str = "countdown"
     """suite name (benchmarks/suites/<name>.toml) or path"""
     dest: str = ""
-    ("folder with runs/*.json, where README.md and the plots go (default "
-     "benchmarks/results/<suite>)")
+    """folder with runs/*.json, for README.md and plots (default: benchmarks/results/<suite>)"""
     failed: list[str] = field(default_factory=list)
     """runs that failed (listed in the report)"""
 

@@ -43,15 +43,13 @@ class Args:
     rows: list[str] = field(default_factory=list)
     """rows to run (default: every row of the suite)"""
     seeds: int = 0
-    ("number of seeds per row, seeds 1..N (default: the suite's `seeds`, else 3; from the suite's "
-     "`first_seed`)")
+    """seeds per row, from the suite's `first_seed` (default: the suite's `seeds`, else 3)"""
     suite: str = "countdown"
     """suite file in benchmarks/suites/ (or a path to a .toml file)"""
     workers: int = 2
     """runs in parallel; each gets max(1, cpu_count // workers) torch threads"""
     quick: bool = False
-    ("1 seed and the suite's [quick] overrides (few steps): checks the pipeline end to end in "
-     "minutes")
+    """1 seed and the suite's [quick] overrides (few steps): the whole pipeline in minutes"""
     dry_run: bool = False
     """print the commands and exit"""
     out: str = ""
