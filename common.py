@@ -1237,11 +1237,21 @@ def _excepthook(exc_type, exc, tb):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(2)
-    elif issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C: one line (rank 0's), not a traceback
+    elif _interrupted(exc):  # Ctrl-C: one line (rank 0's), not a traceback
         if os.environ.get("RANK", "0") == "0":
             print(f"interrupted: {where_to_resume()}", file=sys.stderr)
     else:
         sys.__excepthook__(exc_type, exc, tb)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """A KeyboardInterrupt, or an error raised while handling one: Ctrl-C inside torch.save's file
+    writes surfaces as its RuntimeError ("unexpected pos ...")."""
+    while exc is not None:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        exc = exc.__context__
+    return False
 
 
 sys.excepthook = _excepthook
@@ -1270,16 +1280,18 @@ def where_to_resume() -> str:
 @contextlib.contextmanager
 def disk_errors(folder, *partial: Path):
     """A failed write inside (a full disk, a read-only folder) becomes one line naming `folder` and
-    the last checkpoint (TrainingStopped); the `partial` files or folders it may have left are
-    removed."""
+    the last checkpoint (TrainingStopped). Whatever stops the write (that, Ctrl-C, another error)
+    removes the `partial` files or folders it may have left."""
     try:
         yield
-    except OSError as exc:
+    except BaseException as exc:
         for path in partial:
             if path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
             else:
                 path.unlink(missing_ok=True)
+        if not isinstance(exc, OSError):
+            raise
         full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
         why = "no space left on the device" if full else exc.strerror or str(exc)
         raise TrainingStopped(f"could not write to {folder}: {why}; {where_to_resume()}") from None

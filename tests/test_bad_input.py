@@ -679,6 +679,41 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_leaves_the_last_one(tmp
     assert common.load_checkpoint(tmp_path)["weights"].tolist() == [1.0, 1.0, 1.0]
 
 
+def test_ctrl_c_inside_a_checkpoint_write_is_one_line_and_leaves_the_last_one(
+        tmp_path, monkeypatch, capsys):
+    """Ctrl-C while torch.save writes reaches the script as torch's RuntimeError ("unexpected pos
+    ..."), raised while handling the KeyboardInterrupt: still the one `interrupted:` line, and the
+    partial file is gone."""
+    common.save_checkpoint(tmp_path, 1, {"weights": torch.ones(3)})
+    monkeypatch.setitem(common.RUN_STATE, "run_dir", tmp_path)
+    real_save = torch.save
+
+    class InterruptedFile:  # SIGINT's KeyboardInterrupt arrives inside the third write
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):
+            self.writes += 1
+            if self.writes == 3:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def flush(self):
+            self.f.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, f: real_save(obj, InterruptedFile(f)))
+    with pytest.raises(BaseException) as raised:
+        common.save_checkpoint(tmp_path, 2, {"weights": torch.zeros(3, 1000)})
+    assert isinstance(raised.value.__context__, KeyboardInterrupt)  # torch's own error, on top
+    assert sorted(p.name for p in tmp_path.iterdir()) == [common.CHECKPOINT_FILE]  # no .tmp left
+    capsys.readouterr()
+    common._excepthook(raised.type, raised.value, raised.tb)
+    assert capsys.readouterr().err == (f"interrupted: the last checkpoint is step 1 in {tmp_path}; "
+                                       f"continue with: python {sys.argv[0]} --resume {tmp_path}\n")
+    monkeypatch.undo()
+    assert common.load_checkpoint(tmp_path)["weights"].tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_full_disk_while_logging_or_rewriting_a_file_is_one_line(tmp_path, monkeypatch):
     (tmp_path / "config.json").write_text("{}")
     monkeypatch.setattr(os, "fsync", _full_disk)
