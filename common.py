@@ -199,8 +199,7 @@ class Rollout:
 
     @property
     def widths(self) -> torch.Tensor:
-        """(B, 2) real tokens per row: the prompt without padding, the response up to its first EOS.
-        """
+        """(B, 2) real tokens per row: the prompt without padding, the response to its first EOS."""
         prompt = self.attention_mask[:, : self.prompt_len].sum(-1)
         return torch.stack([prompt, self.response_mask.sum(-1)], -1)
 
@@ -366,8 +365,7 @@ LOGITS_CHUNK = 2**24  # fp32 logits at once in _LogitStats (64 MB, ~110 rows of 
 
 
 def _logit_chunk(logits: torch.Tensor) -> int:
-    """Rows per chunk: at most LOGITS_CHUNK logits and 1/16 of the rows, so temporaries stay small.
-    """
+    """Rows per chunk: at most LOGITS_CHUNK logits and 1/16 of the rows (small temporaries)."""
     return max(1, min(LOGITS_CHUNK // logits.shape[1], logits.shape[0] // 16))
 
 
@@ -479,8 +477,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, all_processes: bool = False
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021).
-    """
+    """Unbiased pass@k of n samples, c correct: 1 - C(n-c, k) / C(n, k) (Chen et al., 2021)."""
     if k > n:
         raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
     if n - c < k:
@@ -629,7 +626,7 @@ def _expression_tree(tokens: list[str]):
     def parse(level: int):  # level 0: a sum, 1: a product, 2: an atom
         nonlocal pos
         if level == 2:
-            token = tokens[pos] if pos < len(tokens) else ")"
+            token = tokens[pos] if pos < len(tokens) else ""  # past the end: malformed below
             pos += 1
             if token == "(":
                 tree = parse(0)
@@ -653,8 +650,7 @@ def _expression_tree(tokens: list[str]):
 
 
 def _value(tree) -> Fraction:
-    """The exact value of an expression tree (rational arithmetic); a division by zero is malformed.
-    """
+    """The exact (rational) value of an expression tree; a division by zero is malformed."""
     if isinstance(tree, int):
         return Fraction(tree)
     value = _apply(tree[0], _value(tree[1]), _value(tree[2]))
@@ -771,8 +767,7 @@ class Countdown:
     steps: bool = True
     max_new_tokens: int = 32
     second_skill: str = ""
-    """a task evaluated beside this one, never trained on (`eval/second_skill/*` shows forgetting)
-    """
+    """a task evaluated beside this one, never trained on (`eval/second_skill/*`: forgetting)"""
     chat_tokenizer: object = None
     """set by get_task: with a chat template, the natural-language question replaces the prompt"""
     max_prompt_length: int | None = None
@@ -832,8 +827,7 @@ _SPLITS: dict[tuple[str, str], list[dict]] = {}
 
 
 def _fitting(task, items: list[dict], split: str) -> list[dict]:
-    """The items whose prompt is at most `task.max_prompt_length` tokens (the others are counted).
-    """
+    """The items whose prompt has at most `task.max_prompt_length` tokens (others counted)."""
     if not task.max_prompt_length or task.chat_tokenizer is None or not items:
         return items
     prompts = [task.prompt(item) for item in items]
@@ -1095,8 +1089,7 @@ def load_rows(source: str, split: str, config: str | None = None):
 
 
 def _split_files(folder: Path, split: str) -> list[Path]:
-    """A local dataset folder's files of `split`, by datasets' naming (`data/train-0.parquet`, ...).
-    """
+    """A local dataset folder's files of `split`, as datasets names them (`data/train-0.jsonl`)."""
     return sorted(file for file in folder.rglob("*") if file.is_file()
                   and not any(part.startswith(".") for part in file.relative_to(folder).parts)
                   and re.match(rf"{split}([-_.]|$)", file.name))
@@ -1337,8 +1330,8 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of a script's Args t
                       "must be a plain name, without path separators"),
     "output_dir": _rule(lambda v: _writable_folder(v),
                         "is not a folder that can be written (or created)"),
-    "log_completions_every": _at_least(0, " (0: never)"),
-    "checkpoint_every": _at_least(0, " (0: never)"),
+    **dict.fromkeys(("log_completions_every", "checkpoint_every", "probe_every"),
+                    _at_least(0, " (0: never)")),
     "eval_every": _at_least(0, " (0: only before the first and after the last step)"),
     "max_new_tokens": _at_least(1, " (leave it out for the task's own length)"),
     "max_prompt_length": _at_least(1, " (leave it out for the model's limit)"),
@@ -1354,7 +1347,6 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of a script's Args t
     # an AdamW step moves every weight by about the learning rate: above 1 it is noise
     "learning_rate": _rule(lambda v: 0 <= v <= 1, "must be in [0, 1] (0: the policy never changes)",
                            finite=True),
-    "probe_every": _at_least(0, " (0: never)"),
     "prm_learning_rate": _rule(lambda v: 0 <= v <= 1, "must be in [0, 1] (0: the PRM stays frozen)",
                                finite=True),
     **dict.fromkeys(("max_grad_norm", "prm_max_grad_norm", "prm_beta", "rho", "clip_eps_high"),
@@ -1368,8 +1360,7 @@ FLAG_RULES = {  # field -> (ok(value), why), for the fields of a script's Args t
 
 
 def _writable_folder(path: str) -> bool:
-    """`path` is a writable folder, or the nearest existing folder above it is (RunLogger makes it).
-    """
+    """`path` is a writable folder, or the nearest existing one above it is (RunLogger makes it)."""
     existing = Path(path).expanduser().absolute()
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -1731,8 +1722,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 
 def rng_state() -> dict:
-    """Every random state a run consumes: Python, NumPy, torch CPU (`generate`'s sampling) and CUDA.
-    """
+    """Every random state a run uses: Python, NumPy, torch CPU (`generate`'s sampling) and CUDA."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -2121,8 +2111,7 @@ def _new_run_dir(output_dir: Path, name: str) -> str:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` at once: a kill at any moment leaves the old file or the new one.
-    """
+    """Replace `path` with `text` at once: a kill at any moment leaves the old file or the new."""
     tmp = path.with_name(path.name + ".tmp")
     with disk_errors(path.parent, tmp), open(tmp, "w") as f:
         f.write(text)
